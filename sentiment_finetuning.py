@@ -1,0 +1,443 @@
+#!/usr/bin/env python
+"""Full fine-tuning of a pretrained encoder for text classification (sentiment by default).
+
+    python sentiment_finetuning.py                                   # embedded sample data
+    python sentiment_finetuning.py --train-file my.csv --epochs 3 --output-dir ./results
+    python sentiment_finetuning.py --output-dir ./results --predict "what a great film"
+
+Steps: load data -> tokenize once -> build model -> train (evaluating every epoch, keeping the
+best checkpoint) -> evaluate on validation and test -> save model, metrics and logs -> report.
+Works offline: when the hub is unreachable the bundled MiniLM encoder is used (see README).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import common
+from common import UserError
+
+DEFAULT_MODEL = "distilbert-base-uncased"
+DEFAULT_DATA = common.DATA_DIR / "sentiment"
+TEXT_COLUMNS = ("text", "sentence", "review", "content", "document", "body", "comment", "tweet",
+                "utterance", "review_text", "sentence1")
+LABEL_COLUMNS = ("label", "labels", "sentiment", "class", "target", "category", "polarity",
+                 "rating", "stars")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
+    common.add_model_args(parser, DEFAULT_MODEL)
+    common.add_data_args(parser)
+    columns = parser.add_argument_group("columns")
+    columns.add_argument("--text-column", help=f"Column with the text (auto: one of {', '.join(TEXT_COLUMNS[:5])}, ...).")
+    columns.add_argument("--label-column", help=f"Column with the label (auto: one of {', '.join(LABEL_COLUMNS[:5])}, ...).")
+    training = common.add_training_args(parser, learning_rate=2e-5, fallback_learning_rate=1e-4)
+    training.add_argument(
+        "--metric-for-best-model", choices=("accuracy", "f1_macro", "loss"), default="accuracy",
+        help="Validation metric that picks the checkpoint kept at the end.")
+    common.add_precision_args(parser)
+    output = common.add_output_args(parser, "./results")
+    output.add_argument(
+        "--keep-checkpoints", action="store_true",
+        help="Keep the intermediate checkpoints (with optimizer state) after a successful run.")
+    predict = parser.add_argument_group("prediction (uses the model saved in --output-dir)")
+    predict.add_argument("--predict", action="append", metavar="TEXT",
+                         help="Classify this text and exit (repeatable).")
+    predict.add_argument("--predict-file", help="Classify every non-empty line of this text file and exit.")
+    args = parser.parse_args(argv)
+    if args.max_length < 8:
+        parser.error("--max-length must be at least 8")
+    if args.dataset and args.train_file:
+        parser.error("--dataset and --train-file are mutually exclusive")
+    if not 0 <= args.warmup_ratio < 1:
+        parser.error("--warmup-ratio must be in [0, 1)")
+    return args
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------
+
+
+def load_splits(args: argparse.Namespace) -> tuple[dict[str, list[dict]], str]:
+    """Return {'train', 'validation'?, 'test'?} lists of raw rows and a description of the source."""
+    if args.dataset:
+        hub = common.load_hub_dataset(args.dataset, args.dataset_config)
+        names = {"validation": ("validation", "valid", "dev"), "test": ("test",)}
+        splits = {"train": list(hub["train"])} if "train" in hub else {}
+        if not splits:
+            raise UserError(f"--dataset {args.dataset} has no 'train' split (has: {', '.join(hub)}).")
+        for split, aliases in names.items():
+            found = next((a for a in aliases if a in hub), None)
+            if found:
+                rows = list(hub[found])
+                # GLUE-style test splits carry no labels (-1): they cannot be scored.
+                if not all(row.get(args.label_column or "label", 0) == -1 for row in rows[:50]):
+                    splits[split] = rows
+        label_feature = hub["train"].features.get(args.label_column or "label")
+        args.hub_label_names = getattr(label_feature, "names", None)
+        return splits, f"hub dataset {args.dataset}"
+    if not args.train_file and (args.validation_file or args.test_file):
+        raise UserError("--validation-file/--test-file need --train-file as well.")
+    train_file = args.train_file or str(DEFAULT_DATA / "train.csv")
+    splits = {"train": common.read_table(train_file, "--train-file")}
+    validation_file = args.validation_file or (None if args.train_file else str(DEFAULT_DATA / "validation.csv"))
+    test_file = args.test_file or (None if args.train_file else str(DEFAULT_DATA / "test.csv"))
+    if validation_file:
+        splits["validation"] = common.read_table(validation_file, "--validation-file")
+    if test_file:
+        splits["test"] = common.read_table(test_file, "--test-file")
+    return splits, train_file if args.train_file else f"embedded sample data ({DEFAULT_DATA})"
+
+
+def normalise_label(value: Any) -> Any:
+    """Integers stay integers (also when read as text from a CSV); anything else becomes a string."""
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    text = str(value).strip()
+    if text.lstrip("-").isdigit():
+        return int(text)
+    return text
+
+
+def extract_examples(rows: list[dict], split: str, text_column: str, label_column: str) -> list[tuple[str, Any]]:
+    examples = []
+    for number, row in enumerate(rows, start=1):
+        if text_column not in row or label_column not in row:
+            missing = text_column if text_column not in row else label_column
+            raise UserError(f"{split} data: row {number} has no '{missing}' field.")
+        text, label = row[text_column], row[label_column]
+        if label is None or str(label).strip() == "":
+            raise UserError(f"{split} data: row {number} has an empty label.")
+        if text is None or not str(text).strip():
+            continue  # empty texts carry no signal; counted and reported below
+        examples.append((str(text).strip(), normalise_label(label)))
+    dropped = len(rows) - len(examples)
+    if dropped:
+        print(f"note: {split} data: skipped {dropped} row(s) with empty text.")
+    if not examples:
+        raise UserError(f"{split} data holds no usable examples.")
+    return examples
+
+
+def build_label_mapping(train_labels: list[Any], names: list[str] | None) -> list[str]:
+    """Label names in id order. Integer labels 0..K-1 keep their ids; others are sorted."""
+    distinct = set(train_labels)
+    if len({type(label) for label in distinct}) > 1:
+        raise UserError(f"training labels mix numbers and text ({sorted(map(str, distinct))[:6]}); "
+                        "use one kind.")
+    if len(distinct) < 2:
+        raise UserError(f"the training data has a single class ({next(iter(distinct))!r}); "
+                        "classification needs at least two.")
+    ordered = sorted(distinct)
+    if names and all(isinstance(label, int) and 0 <= label < len(names) for label in ordered):
+        return list(names)
+    return [str(label) for label in ordered]
+
+
+def prepare_examples(args: argparse.Namespace, raw: dict[str, list[dict]]) -> tuple[dict[str, list[tuple[str, int]]], list[str]]:
+    """Pick columns, map labels to ids, check them, split off validation and subsample."""
+    columns = list(raw["train"][0].keys())
+    text_column = common.detect_column(columns, args.text_column, TEXT_COLUMNS, "text", "--text-column", "training data")
+    label_column = common.detect_column(columns, args.label_column, LABEL_COLUMNS, "label", "--label-column", "training data")
+    if text_column == label_column:
+        raise UserError(f"the text and label columns are both '{text_column}'; set --text-column and --label-column.")
+    examples = {split: extract_examples(rows, split, text_column, label_column) for split, rows in raw.items()}
+    label_names = build_label_mapping([label for _, label in examples["train"]], getattr(args, "hub_label_names", None))
+    index_of = {name: i for i, name in enumerate(label_names)}
+    if getattr(args, "hub_label_names", None):
+        index_of = {i: i for i in range(len(label_names))}
+
+    encoded: dict[str, list[tuple[str, int]]] = {}
+    for split, items in examples.items():
+        unseen = sorted({str(label) for _, label in items} - {str(k) for k in index_of})
+        if unseen:
+            raise UserError(f"{split} data has label(s) never seen in training: {', '.join(unseen[:10])} "
+                            f"(training labels: {', '.join(label_names)}).")
+        encoded[split] = [(text, index_of[label if label in index_of else str(label)]) for text, label in items]
+
+    if "validation" not in encoded:
+        encoded["train"], encoded["validation"] = split_validation(encoded["train"], args.validation_split, args.seed)
+        print(f"validation: held out {len(encoded['validation'])} of the training examples "
+              f"(--validation-split {args.validation_split}, stratified, seed {args.seed}).")
+    encoded["train"] = common.seeded_subset(encoded["train"], args.max_train_samples, args.seed)
+    for split in ("validation", "test"):
+        if split in encoded:
+            encoded[split] = common.seeded_subset(encoded[split], args.max_eval_samples, args.seed)
+    if len({label for _, label in encoded["train"]}) < 2:
+        raise UserError("after subsampling, the training data has a single class; raise --max-train-samples.")
+    return encoded, label_names
+
+
+def split_validation(examples: list[tuple[str, int]], fraction: float, seed: int):
+    from sklearn.model_selection import train_test_split
+
+    counts = Counter(label for _, label in examples)
+    n_validation = max(1, round(len(examples) * fraction))
+    if len(examples) - n_validation < 2:
+        raise UserError(f"only {len(examples)} training examples: too few to hold out a validation "
+                        "set; add data or pass --validation-file.")
+    stratify = [label for _, label in examples]
+    if min(counts.values()) < 2 or n_validation < len(counts):
+        print("note: some classes are too rare to stratify the validation split; splitting at random.")
+        stratify = None
+    train, validation = train_test_split(examples, test_size=n_validation, random_state=seed, stratify=stratify)
+    return train, validation
+
+
+def tokenize(tokenizer, examples: list[tuple[str, int]], max_length: int) -> tuple[list[dict], int]:
+    """Tokenize a split once (no padding: batches are padded dynamically). Returns rows and #truncated."""
+    texts = [text for text, _ in examples]
+    encoded = tokenizer(texts, truncation=True, max_length=max_length)
+    rows = []
+    for i, (_, label) in enumerate(examples):
+        row = {key: values[i] for key, values in encoded.items()}
+        row["labels"] = label
+        rows.append(row)
+    truncated = sum(1 for row in rows if len(row["input_ids"]) >= max_length)
+    return rows, truncated
+
+
+# --------------------------------------------------------------------------------------------
+# Model, training, evaluation
+# --------------------------------------------------------------------------------------------
+
+
+def build_model(model: common.ResolvedModel, label_names: list[str]):
+    from transformers import AutoModelForSequenceClassification
+
+    try:
+        loaded, info = AutoModelForSequenceClassification.from_pretrained(
+            model.path, num_labels=len(label_names),
+            id2label=dict(enumerate(label_names)), label2id={name: i for i, name in enumerate(label_names)},
+            ignore_mismatched_sizes=True,  # a model fine-tuned before may have another label count
+            output_loading_info=True)
+        fresh = list(info["missing_keys"]) + [key for key, *_ in info["mismatched_keys"]]
+        return loaded, fresh
+    except (OSError, ValueError) as error:
+        raise UserError(f"could not load '{model.name}' for sequence classification: {common.first_line(error)}") from None
+
+
+def classification_metrics(logits, labels, label_names: list[str]) -> dict[str, Any]:
+    import numpy as np
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+
+    predictions = np.asarray(logits).argmax(-1)
+    ids = list(range(len(label_names)))
+    precision, recall, f1, support = precision_recall_fscore_support(labels, predictions, labels=ids, zero_division=0)
+    return {
+        "accuracy": float(accuracy_score(labels, predictions)),
+        "f1_macro": float(f1_score(labels, predictions, labels=ids, average="macro", zero_division=0)),
+        "per_class": {name: {"precision": float(precision[i]), "recall": float(recall[i]),
+                             "f1": float(f1[i]), "support": int(support[i])}
+                      for i, name in enumerate(label_names)},
+        "confusion_matrix": confusion_matrix(labels, predictions, labels=ids).tolist(),
+    }
+
+
+def train(args, model, fresh_parameters, tokenizer, datasets: dict[str, list[dict]], label_names, precision, output_dir: Path, resume: str | None):
+    from transformers import DataCollatorWithPadding, EarlyStoppingCallback, Trainer, TrainingArguments
+
+    def compute_metrics(prediction):
+        metrics = classification_metrics(prediction.predictions, prediction.label_ids, label_names)
+        return {"accuracy": metrics["accuracy"], "f1_macro": metrics["f1_macro"]}
+
+    steps_per_epoch = max(1, -(-len(datasets["train"]) // args.batch_size))
+    training_args = TrainingArguments(
+        output_dir=str(output_dir / common.CHECKPOINT_SUBDIR),
+        num_train_epochs=args.epochs,
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.eval_batch_size,
+        learning_rate=args.learning_rate,
+        weight_decay=args.weight_decay,
+        warmup_steps=args.warmup_ratio,
+        eval_strategy="epoch",
+        save_strategy="epoch",
+        save_total_limit=2,
+        load_best_model_at_end=True,
+        metric_for_best_model=args.metric_for_best_model,
+        greater_is_better=args.metric_for_best_model != "loss",
+        logging_steps=max(1, min(50, steps_per_epoch // 5)),
+        report_to="none",
+        seed=args.seed,
+        dataloader_num_workers=0,
+        **common.precision_training_kwargs(precision),
+    )
+    log_callback, interrupt_callback = common.make_callbacks(output_dir)
+    callbacks = [log_callback, interrupt_callback]
+    if args.early_stopping_patience:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=args.early_stopping_patience))
+    trainer_class = common.make_trainer_class(Trainer, length_grouping=not args.no_length_grouping,
+                                              fresh_parameters=fresh_parameters,
+                                              head_lr_multiplier=args.head_lr_multiplier)
+    trainer = trainer_class(
+        model=model, args=training_args, train_dataset=datasets["train"], eval_dataset=datasets["validation"],
+        data_collator=DataCollatorWithPadding(tokenizer), processing_class=tokenizer,
+        compute_metrics=compute_metrics, callbacks=callbacks)
+    started = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=resume)
+    runtime = time.perf_counter() - started
+    return trainer, result, runtime, log_callback, interrupt_callback.interrupted
+
+
+def evaluate(trainer, dataset: list[dict], label_names: list[str]) -> dict[str, Any]:
+    prediction = trainer.predict(dataset)
+    metrics = classification_metrics(prediction.predictions, prediction.label_ids, label_names)
+    metrics["loss"] = float(prediction.metrics.get("test_loss", float("nan")))
+    metrics["examples"] = len(dataset)
+    return metrics
+
+
+# --------------------------------------------------------------------------------------------
+# Prediction with a saved model
+# --------------------------------------------------------------------------------------------
+
+
+def predict(args: argparse.Namespace) -> None:
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    texts = list(args.predict or [])
+    if args.predict_file:
+        file = common.check_input_file(args.predict_file, "--predict-file", (".txt", ".text", ".csv", ".tsv"))
+        texts += [line.strip() for line in common.read_text_file(file, "--predict-file").splitlines() if line.strip()]
+    if not texts:
+        raise UserError("nothing to classify: --predict was empty and --predict-file had no lines.")
+    model_dir = Path(args.output_dir)
+    if not (model_dir / "config.json").is_file():
+        raise UserError(f"--output-dir {args.output_dir} holds no trained model; train one first "
+                        "(run without --predict) or point --output-dir at it.")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    results = []
+    with torch.inference_mode():
+        for start in range(0, len(texts), args.eval_batch_size):
+            batch = texts[start:start + args.eval_batch_size]
+            inputs = tokenizer(batch, truncation=True, max_length=args.max_length, padding=True, return_tensors="pt")
+            probabilities = model(**inputs).logits.float().softmax(-1)
+            for text, row in zip(batch, probabilities):
+                score, index = row.max(-1)
+                results.append((model.config.id2label[int(index)], float(score), text))
+    width = max(len(label) for label, _, _ in results)
+    for label, score, text in results:
+        print(f"{label:<{width}}  {score:.3f}  {text}")
+
+
+# --------------------------------------------------------------------------------------------
+# Saving and reporting
+# --------------------------------------------------------------------------------------------
+
+
+def save_outputs(trainer, tokenizer, output_dir: Path, keep_checkpoints: bool) -> None:
+    """Save the best model and tokenizer; write to a temporary folder first so a crash never
+    leaves a half-written model over a previous one."""
+    staging = output_dir / ".saving"
+    shutil.rmtree(staging, ignore_errors=True)
+    trainer.save_model(str(staging))
+    tokenizer.save_pretrained(str(staging))
+    for file in staging.iterdir():
+        file.replace(output_dir / file.name)
+    staging.rmdir()
+    if not keep_checkpoints:
+        shutil.rmtree(output_dir / common.CHECKPOINT_SUBDIR, ignore_errors=True)
+
+
+def report(metrics: dict[str, Any], output_dir: Path) -> None:
+    print()
+    print(f"model      {metrics['model']}")
+    print(f"precision  {metrics['precision']}")
+    print(f"parameters {metrics['params']['trainable']:,} trainable / {metrics['params']['total']:,} total")
+    print(f"training   {metrics['train']['runtime_s']:.1f} s, {metrics['train']['samples_per_s']:.1f} samples/s, "
+          f"peak memory {metrics['train']['peak_rss_mb']:.0f} MB")
+    rows = []
+    for split in ("validation", "test"):
+        if split in metrics:
+            rows.append([split, metrics[split]["examples"], metrics[split]["accuracy"], metrics[split]["f1_macro"]])
+    print()
+    print(common.format_table(rows, ["split", "examples", "accuracy", "f1_macro"]))
+    last = metrics.get("test", metrics["validation"])
+    print()
+    print(common.format_table(
+        [[name, v["precision"], v["recall"], v["f1"], v["support"]] for name, v in last["per_class"].items()],
+        ["class", "precision", "recall", "f1", "support"]))
+    print(f"\nsaved model, metrics.json, run_config.json, training log and plot to {output_dir}")
+
+
+def main() -> int:
+    args = parse_args()
+    if args.predict or args.predict_file:
+        common.quiet_libraries()
+        predict(args)
+        return 0
+    started = time.perf_counter()
+    output_dir = common.prepare_output_dir(args.output_dir, args.overwrite_output_dir, bool(args.resume_from_checkpoint))
+    resume = common.resolve_resume_checkpoint(args.resume_from_checkpoint, output_dir)
+    common.quiet_libraries()
+    precision = common.choose_precision(args.fp16, args.bf16, args.fp32)
+
+    # 1. Load and check the data.
+    raw, source = load_splits(args)
+    examples, label_names = prepare_examples(args, raw)
+    sizes = ", ".join(f"{split} {len(items)}" for split, items in examples.items())
+    print(f"data: {source}: {sizes} examples; {len(label_names)} classes: {', '.join(label_names)}")
+
+    # 2. Resolve the model and tokenize every split once.
+    resolved = common.resolve_model(args.model_name, allow_fallback=not args.no_fallback)
+    common.settle_learning_rate(args, resolved)
+    print(f"model: {resolved.name}  precision: {precision}  learning rate: {args.learning_rate:g}")
+    tokenizer = common.load_tokenizer(resolved)
+    datasets = {}
+    for split, items in examples.items():
+        datasets[split], truncated = tokenize(tokenizer, items, args.max_length)
+        if truncated:
+            print(f"note: {truncated} {split} example(s) were cut to --max-length {args.max_length} tokens.")
+
+    # 3. Build the model and train.
+    import transformers
+
+    transformers.set_seed(args.seed)
+    model, fresh_parameters = build_model(resolved, label_names)
+    params = common.count_parameters(model)
+    common.save_run_config(output_dir, args, {"model": resolved.name, "model_path": resolved.path,
+                                              "precision": precision, "labels": label_names, "data": source})
+    trainer, result, runtime, log, interrupted = train(args, model, fresh_parameters, tokenizer, datasets, label_names,
+                                                       precision, output_dir, resume)
+    if interrupted:
+        print(f"\ntraining interrupted; checkpoint saved. Resume with:\n  {common.resume_command(output_dir)}",
+              file=sys.stderr)
+        return 130
+
+    # 4. Evaluate the best model on validation and test.
+    validation = evaluate(trainer, datasets["validation"], label_names)
+    test = evaluate(trainer, datasets["test"], label_names) if "test" in datasets else None
+
+    # 5. Save the model, metrics and logs; then report.
+    save_outputs(trainer, tokenizer, output_dir, args.keep_checkpoints)
+    train_stats = {"runtime_s": round(runtime, 2),
+                   "samples_per_s": round(len(datasets["train"]) * args.epochs / runtime, 2),
+                   "steps": result.global_step, "examples": len(datasets["train"]), "epochs": args.epochs,
+                   "final_loss": round(result.training_loss, 4), "peak_rss_mb": common.peak_rss_mb(),
+                   "wall_time_s": round(time.perf_counter() - started, 2)}
+    metrics = common.build_metrics("text-classification", "full", resolved.name, precision, params,
+                                   train_stats, validation, test, {"labels": label_names})
+    common.write_json(output_dir / common.METRICS_FILE, metrics)
+    records = common.read_jsonl(output_dir / common.TRAINING_LOG_FILE)
+    common.plot_training_curves(records, "accuracy", output_dir / common.PLOT_FILE,
+                                f"{Path(resolved.name).name}: full fine-tuning")
+    report(metrics, output_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    common.run_cli(main)

