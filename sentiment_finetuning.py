@@ -408,6 +408,8 @@ def main() -> int:
 
     transformers.set_seed(args.seed)
     model, fresh_parameters = build_model(resolved, label_names)
+    if args.freeze_embeddings:
+        model.get_input_embeddings().weight.requires_grad_(False)
     params = common.count_parameters(model)
     common.save_run_config(output_dir, args, {"model": resolved.name, "model_path": resolved.path,
                                               "precision": precision, "labels": label_names, "data": source})

@@ -127,3 +127,30 @@ def write_rows(path: Path, rows: list[dict], fmt: str | None = None) -> Path:
     elif fmt == "jsonl":
         path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
+
+
+def build_tiny_gpt2(directory: Path, texts: list[str] | None = None) -> Path:
+    """A randomly initialised 2-layer GPT-2 with a byte-level BPE tokenizer trained on the recipe corpus."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    torch.manual_seed(0)
+    texts = texts or (DATA / "text" / "recipes.txt").read_text().split("\n\n")
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
+                                                              initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+                                      unk_token="<|endoftext|>")
+    config = GPT2Config(vocab_size=len(wrapped), n_positions=128, n_embd=32, n_layer=2, n_head=2,
+                        bos_token_id=wrapped.eos_token_id, eos_token_id=wrapped.eos_token_id)
+    GPT2LMHeadModel(config).save_pretrained(directory)
+    wrapped.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory) -> Path:
+    return build_tiny_gpt2(tmp_path_factory.mktemp("tiny-gpt2"))

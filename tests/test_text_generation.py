@@ -1,0 +1,227 @@
+"""text_generation_lora.py: blocks, honest perplexity, LoRA save/merge, generation, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from conftest import assert_clean_error, run_script
+
+SCRIPT = "text_generation_lora.py"
+FAST = ("--block-size", "64", "--epochs", "1", "--batch-size", "8", "--max-new-tokens", "8")
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_gpt2, tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("gen-run")
+    result = run_script(SCRIPT, "--model-name", tiny_gpt2, "--output-dir", output_dir, *FAST, "--merge-adapter",
+                        "--lora-target-modules", "c_attn", "c_proj")
+    assert result.returncode == 0, result.stdout + result.stderr
+    return output_dir, json.loads((output_dir / "metrics.json").read_text()), result
+
+
+def tokenizer_for(model_dir):
+    from transformers import AutoTokenizer
+
+    import text_generation_lora as script
+
+    return script.prepare_tokenizer(AutoTokenizer.from_pretrained(model_dir))
+
+
+# ---- blocks -----------------------------------------------------------------------------------
+
+
+def test_token_stream_puts_eos_after_every_document(tiny_gpt2):
+    import text_generation_lora as script
+
+    tokenizer = tokenizer_for(tiny_gpt2)
+    documents = ["Serves: 4", "Method:", "Cook's note: rest it."]
+    ids = script.token_stream(tokenizer, documents)
+    expected = []
+    for doc in documents:
+        expected += tokenizer(doc, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert ids == expected
+    assert ids.count(tokenizer.eos_token_id) == 3 and ids[-1] == tokenizer.eos_token_id
+
+
+def test_cut_blocks_accounts_for_every_token():
+    import text_generation_lora as script
+
+    ids = list(range(23))
+    train = script.cut_blocks(ids, 5, keep_partial=False)
+    assert train == [ids[0:5], ids[5:10], ids[10:15], ids[15:20]]  # the partial tail (3 tokens) is dropped
+    validation = script.cut_blocks(ids, 5, keep_partial=True)
+    assert sum(map(len, validation)) == 23 and validation[-1] == [20, 21, 22]
+
+
+def test_collate_masks_padding_but_not_real_eos():
+    import text_generation_lora as script
+
+    eos = 9
+    batch = script.collate_blocks([[1, 2, eos, 3], [4, eos]], pad_id=eos)
+    assert batch["labels"].tolist() == [[1, 2, eos, 3], [4, eos, -100, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
+
+
+def test_tokens_used_are_reported(trained):
+    _, metrics, result = trained
+    line = next(l for l in result.stdout.splitlines() if l.startswith("tokens:"))
+    assert "blocks of 64" in line and "dropped the last" in line
+    assert metrics["train"]["block_size"] == 64
+
+
+# ---- perplexity -------------------------------------------------------------------------------
+
+
+def test_perplexity_matches_a_hand_computation_and_ignores_batch_size(tiny_gpt2):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import text_generation_lora as script
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_gpt2).eval()
+    blocks = [[5, 17, 40, 2, 99, 3], [8, 8, 30, 12, 0, 7], [1, 4, 6]]  # the last one is partial
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for block in blocks:  # one block at a time, no padding at all
+            logits = model(torch.tensor([block])).logits[0]
+            log_probs = torch.log_softmax(logits.float(), -1)
+            nll -= sum(float(log_probs[i, block[i + 1]]) for i in range(len(block) - 1))
+            count += len(block) - 1
+    expected = math.exp(nll / count)
+    for batch_size in (1, 2, 3):
+        result = script.perplexity(model, blocks, batch_size, pad_id=0, precision="fp32")
+        assert result["tokens"] == count == 12
+        assert result["perplexity"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_metrics_hold_perplexity_before_and_after(trained):
+    _, metrics, result = trained
+    assert metrics["task"] == "text-generation" and metrics["method"] == "lora"
+    assert metrics["perplexity_before"] > metrics["perplexity"] > 1
+    assert metrics["eval_loss"] == pytest.approx(math.log(metrics["perplexity"]))
+    assert metrics["params"]["trainable"] < metrics["params"]["total"]
+    assert metrics["train"]["tokens_per_s"] > 0
+    assert "perplexity" in result.stdout and "reduction" in result.stdout
+
+
+# ---- saving: adapter, reload, merge ----------------------------------------------------------------
+
+
+def test_outputs_and_samples(trained):
+    output_dir, _, _ = trained
+    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "samples.md",
+                 "metrics.json", "run_config.json", "training_log.jsonl", "training_curves.png"):
+        assert (output_dir / name).is_file(), name
+    samples = (output_dir / "samples.md").read_text()
+    assert "### Base model" in samples and "### Fine-tuned (lora)" in samples
+    assert "Recipe:" in samples
+
+
+def test_adapter_reload_and_merge_give_the_same_logits(trained):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import text_generation_lora as script
+
+    output_dir, _, _ = trained
+    adapter_model, tokenizer = script.load_saved(output_dir)
+    merged = AutoModelForCausalLM.from_pretrained(output_dir / "merged").eval()
+    base = AutoModelForCausalLM.from_pretrained(json.loads((output_dir / "run_config.json").read_text())["model_path"]).eval()
+    inputs = tokenizer(["Recipe: Plum Jam\nServes: 6"], return_tensors="pt")
+    with torch.no_grad():
+        adapted = adapter_model.eval()(**inputs).logits
+        assert torch.allclose(adapted, merged(**inputs).logits, atol=1e-5)
+        assert not torch.allclose(adapted, base(**inputs).logits, atol=1e-4), "the adapter changed nothing"
+
+
+def test_lora_save_reload_identical_logits(tiny_gpt2, tmp_path):
+    import argparse
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    import common
+
+    args = argparse.Namespace(lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_target_modules=None,
+                              use_rslora=False, use_dora=False)
+    model, targets = common.apply_lora(AutoModelForCausalLM.from_pretrained(tiny_gpt2), args, "CAUSAL_LM")
+    assert targets == ["c_attn"]
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_()
+    model.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_gpt2), tmp_path)
+    ids = torch.tensor([[3, 14, 15, 92, 65]])
+    with torch.no_grad():
+        assert torch.equal(model.eval()(ids).logits, reloaded.eval()(ids).logits)
+
+
+# ---- generation -----------------------------------------------------------------------------------
+
+
+def test_greedy_generation_is_deterministic_and_loads_adapter_or_merged(trained):
+    output_dir, _, _ = trained
+    runs = [run_script(SCRIPT, "--output-dir", directory, "--prompt", "Recipe: Fig Tart", "--greedy",
+                       "--max-new-tokens", "12") for directory in (output_dir, output_dir, output_dir / "merged")]
+    for run in runs:
+        assert run.returncode == 0, run.stderr
+        assert run.stdout.startswith("Recipe: Fig Tart")
+    assert runs[0].stdout == runs[1].stdout == runs[2].stdout
+
+
+def test_sampling_flags_and_return_sequences(trained, tmp_path):
+    output_dir, _, _ = trained
+    (tmp_path / "prompts.txt").write_text("Recipe: Pear Cake\n\nRecipe: Leek Soup\n")
+    args = ("--output-dir", output_dir, "--prompt-file", tmp_path / "prompts.txt", "--num-return-sequences", "2",
+            "--temperature", "1.3", "--top-k", "20", "--top-p", "0.9", "--seed", "7", "--max-new-tokens", "10")
+    first, second = run_script(SCRIPT, *args), run_script(SCRIPT, *args)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout == second.stdout, "the same seed gives the same samples"
+    assert first.stdout.count("Recipe: Pear Cake") == 2 and first.stdout.count("Recipe: Leek Soup") == 2
+
+
+# ---- bad input ----------------------------------------------------------------------------------
+
+
+def test_empty_corpus(tiny_gpt2, tmp_path):
+    (tmp_path / "empty.txt").write_text("\n\n  \n")
+    result = run_script(SCRIPT, "--model-name", tiny_gpt2, "--train-file", tmp_path / "empty.txt", "--output-dir", tmp_path / "o")
+    assert_clean_error(result, "corpus is empty")
+
+
+def test_corpus_shorter_than_one_block(tiny_gpt2, tmp_path):
+    (tmp_path / "short.txt").write_text("Recipe: Toast\nMethod:\n1. Toast the bread.\n")
+    result = run_script(SCRIPT, "--model-name", tiny_gpt2, "--train-file", tmp_path / "short.txt",
+                        "--block-size", "64", "--output-dir", tmp_path / "o")
+    assert_clean_error(result, "fewer than one block")
+
+
+def test_unknown_file_type(tiny_gpt2, tmp_path):
+    (tmp_path / "corpus.pdf").write_text("x")
+    result = run_script(SCRIPT, "--model-name", tiny_gpt2, "--train-file", tmp_path / "corpus.pdf", "--output-dir", tmp_path / "o")
+    assert_clean_error(result, "unsupported file type '.pdf'")
+
+
+def test_prompt_longer_than_the_context(trained):
+    output_dir, _, _ = trained
+    result = run_script(SCRIPT, "--output-dir", output_dir, "--prompt", "salt and pepper " * 60, "--max-new-tokens", "20")
+    assert_clean_error(result, "exceeds the model's context of 128 tokens")
+
+
+def test_generating_without_a_model(tmp_path):
+    result = run_script(SCRIPT, "--output-dir", tmp_path, "--prompt", "hello")
+    assert_clean_error(result, "holds no trained model")
+
+
+def test_block_size_beyond_the_context(tiny_gpt2, tmp_path):
+    result = run_script(SCRIPT, "--model-name", tiny_gpt2, "--block-size", "512", "--output-dir", tmp_path / "o")
+    assert_clean_error(result, "exceeds the model's context of 128")
+
+
+def test_unknown_target_module_lists_the_modules(tiny_gpt2, tmp_path):
+    result = run_script(SCRIPT, "--model-name", tiny_gpt2, *FAST, "--lora-target-modules", "q_proj", "--output-dir", tmp_path / "o")
+    assert_clean_error(result, "no such linear module", "c_attn")

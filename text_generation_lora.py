@@ -1,0 +1,519 @@
+#!/usr/bin/env python
+"""Causal language-model fine-tuning with LoRA (GPT-2 by default): perplexity before and after,
+and samples from the base and the fine-tuned model side by side.
+
+    python text_generation_lora.py                                   # embedded recipe corpus
+    python text_generation_lora.py --model-name gpt2 --train-file corpus.txt --epochs 3 --output-dir ./gen
+    python text_generation_lora.py --output-dir ./gen --prompt "Once upon a time" --max-new-tokens 80
+
+Steps: read the text -> tokenize, join documents with EOS and cut into blocks -> load the model
+and add LoRA adapters (or --full) -> perplexity and samples before -> train -> perplexity and
+samples after -> save the adapter (and optionally a merged model), metrics and logs -> report.
+Offline, the bundled SmolLM2-135M replaces an unreachable hub model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import common
+from common import UserError
+
+DEFAULT_MODEL = "gpt2"
+DEFAULT_CORPUS = common.DATA_DIR / "text" / "recipes.txt"
+DEFAULT_PROMPTS = common.DATA_DIR / "text" / "prompts.txt"
+TEXT_EXTENSIONS = (".txt", ".text", ".md")
+CORPUS_EXTENSIONS = TEXT_EXTENSIONS + common.TABLE_EXTENSIONS
+TEXT_COLUMNS = ("text", "content", "document", "body", "story", "passage")
+SAMPLES_FILE = "samples.md"
+MERGED_SUBDIR = "merged"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
+    common.add_model_args(parser, DEFAULT_MODEL)
+    data = parser.add_argument_group("data")
+    data.add_argument("--train-file", nargs="+", metavar="PATH",
+                      help="Training text: .txt files or folders of them (one document per file), or "
+                           ".csv/.tsv/.json/.jsonl with a text column (one document per row). "
+                           "Default: the embedded recipe corpus under data/text/.")
+    data.add_argument("--validation-file", nargs="+", metavar="PATH", help="Validation text, same formats.")
+    data.add_argument("--dataset", help="A Hugging Face hub dataset name (needs the hub).")
+    data.add_argument("--dataset-config", help="Configuration name of --dataset.")
+    data.add_argument("--text-column", help="Column holding the text in table files (auto-detected).")
+    data.add_argument("--validation-split", type=common.fraction, default=0.1,
+                      help="Share of the training tokens, taken from the end, used for validation when no "
+                           "validation data is given (a split by position, so validation text is unseen).")
+    data.add_argument("--block-size", type=common.positive_int,
+                      help="Tokens per training block (default: 256 on CPU, 1024 on GPU, at most the "
+                           "model's context).")
+    data.add_argument("--max-train-samples", type=common.positive_int, help="Train on at most this many blocks.")
+    data.add_argument("--max-eval-samples", type=common.positive_int, help="Evaluate on at most this many blocks.")
+
+    training = parser.add_argument_group("training")
+    training.add_argument("--epochs", type=common.positive_float, default=3.0, help="Number of training epochs.")
+    training.add_argument("--max-steps", type=common.positive_int, help="Stop after this many optimizer steps (overrides --epochs).")
+    training.add_argument("--batch-size", type=common.positive_int, default=8, help="Training blocks per batch.")
+    training.add_argument("--eval-batch-size", type=common.positive_int, default=8, help="Evaluation blocks per batch.")
+    training.add_argument("--learning-rate", type=common.positive_float,
+                          help="Peak learning rate (default: 1e-3 with LoRA, 5e-5 with --full).")
+    training.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay.")
+    training.add_argument("--warmup-ratio", type=float, default=0.05, help="Share of steps with linear warm-up.")
+    training.add_argument("--seed", type=int, default=42, help="Random seed (training order, sampling).")
+    training.add_argument("--resume-from-checkpoint", metavar="PATH",
+                          help="Continue from a checkpoint directory, or 'auto' for the latest one.")
+    training.add_argument("--full", action="store_true", help="Full fine-tuning instead of LoRA (for comparison).")
+    common.add_lora_args(parser)
+    common.add_precision_args(parser)
+
+    output = common.add_output_args(parser, "./gen")
+    output.add_argument("--merge-adapter", action="store_true",
+                        help=f"Also write the adapter merged into the base model to OUTPUT_DIR/{MERGED_SUBDIR} "
+                             "(loads with AutoModelForCausalLM alone, no peft needed).")
+    output.add_argument("--keep-checkpoints", action="store_true", help="Keep intermediate checkpoints.")
+
+    generation = parser.add_argument_group("generation (with --prompt and no training data: use the model in --output-dir)")
+    generation.add_argument("--prompt", action="append", metavar="TEXT", help="A prompt (repeatable).")
+    generation.add_argument("--prompt-file", help="A file with one prompt per line.")
+    generation.add_argument("--max-new-tokens", type=common.positive_int, default=80, help="Tokens to generate per prompt.")
+    sampling = generation.add_mutually_exclusive_group()
+    sampling.add_argument("--do-sample", dest="do_sample", action="store_true", default=True,
+                          help="Sample (temperature / top-k / top-p).")
+    sampling.add_argument("--greedy", dest="do_sample", action="store_false", help="Greedy decoding.")
+    generation.add_argument("--temperature", type=common.positive_float, default=0.8, help="Sampling temperature.")
+    generation.add_argument("--top-k", type=int, default=50, help="Sample among the k most likely tokens (0: off).")
+    generation.add_argument("--top-p", type=common.positive_float, default=0.95, help="Nucleus sampling threshold.")
+    generation.add_argument("--repetition-penalty", type=common.positive_float, default=1.1,
+                            help="Penalty for repeating tokens (1.0: none).")
+    generation.add_argument("--num-return-sequences", type=common.positive_int, default=1, help="Samples per prompt.")
+    args = parser.parse_args(argv)
+    if args.top_p > 1:
+        parser.error("--top-p must be at most 1")
+    if not 0 <= args.lora_dropout < 1:
+        parser.error("--lora-dropout must be in [0, 1)")
+    if args.dataset and args.train_file:
+        parser.error("--dataset and --train-file are mutually exclusive")
+    return args
+
+
+# --------------------------------------------------------------------------------------------
+# Data: documents -> token stream -> blocks
+# --------------------------------------------------------------------------------------------
+
+
+def expand_paths(paths: list[str], flag: str) -> list[Path]:
+    """Files as given, and the text files inside any folder given (sorted, not recursive into data)."""
+    files: list[Path] = []
+    for raw in paths:
+        path = Path(raw).expanduser()
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_EXTENSIONS)
+            if not found:
+                raise UserError(f"{flag} {raw}: the folder holds no {'/'.join(TEXT_EXTENSIONS)} files.")
+            files += found
+        else:
+            files.append(common.check_input_file(raw, flag, CORPUS_EXTENSIONS))
+    return files
+
+
+def read_documents(paths: list[str], flag: str, text_column: str | None) -> list[str]:
+    documents = []
+    for file in expand_paths(paths, flag):
+        if file.suffix.lower() in TEXT_EXTENSIONS:
+            documents.append(common.read_text_file(file, flag))
+            continue
+        rows = common.read_table(str(file), flag)
+        column = common.detect_column(list(rows[0]), text_column, TEXT_COLUMNS, "text", "--text-column", str(file))
+        documents += [str(row.get(column) or "") for row in rows]
+    documents = [doc.strip() for doc in documents if doc and doc.strip()]
+    if not documents:
+        raise UserError(f"{flag}: the corpus is empty (no text found).")
+    return documents
+
+
+def load_documents(args: argparse.Namespace) -> tuple[list[str], list[str] | None, str]:
+    """Training documents, validation documents (or None) and a description of the source."""
+    if args.dataset:
+        hub = common.load_hub_dataset(args.dataset, args.dataset_config)
+        column = common.detect_column(hub["train"].column_names, args.text_column, TEXT_COLUMNS, "text",
+                                      "--text-column", f"--dataset {args.dataset}")
+        train = [t for t in hub["train"][column] if t and t.strip()]
+        split = next((s for s in ("validation", "valid", "test") if s in hub), None)
+        validation = [t for t in hub[split][column] if t and t.strip()] if split else None
+        return train, validation, f"hub dataset {args.dataset}"
+    if args.validation_file and not args.train_file:
+        raise UserError("--validation-file needs --train-file as well.")
+    train_paths = args.train_file or [str(DEFAULT_CORPUS)]
+    train = read_documents(train_paths, "--train-file", args.text_column)
+    validation = read_documents(args.validation_file, "--validation-file", args.text_column) if args.validation_file else None
+    source = ", ".join(train_paths) if args.train_file else f"embedded recipe corpus ({DEFAULT_CORPUS})"
+    return train, validation, source
+
+
+def token_stream(tokenizer, documents: list[str]) -> list[int]:
+    """All documents as one token sequence with EOS after each document."""
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    for encoded in tokenizer(documents, add_special_tokens=False)["input_ids"]:
+        ids += encoded + [eos]
+    return ids
+
+
+def cut_blocks(ids: list[int], block_size: int, keep_partial: bool) -> list[list[int]]:
+    """Consecutive blocks of block_size tokens; the last partial block is kept only if asked."""
+    blocks = [ids[i:i + block_size] for i in range(0, len(ids), block_size)]
+    if blocks and len(blocks[-1]) < block_size and (not keep_partial or len(blocks[-1]) < 2):
+        blocks.pop()
+    return blocks
+
+
+def build_blocks(args, tokenizer, train_docs, validation_docs, block_size: int) -> dict[str, list[list[int]]]:
+    train_ids = token_stream(tokenizer, train_docs)
+    if validation_docs is None:
+        cut = int(len(train_ids) * (1 - args.validation_split))
+        train_ids, validation_ids = train_ids[:cut], train_ids[cut:]
+        print(f"validation: the last {len(validation_ids):,} tokens ({args.validation_split:.0%}) of the training "
+              "text, split by position.")
+    else:
+        validation_ids = token_stream(tokenizer, validation_docs)
+    train_blocks = cut_blocks(train_ids, block_size, keep_partial=False)
+    if not train_blocks:
+        raise UserError(f"the training text has {len(train_ids)} tokens, fewer than one block of {block_size}; "
+                        "add text or lower --block-size.")
+    validation_blocks = cut_blocks(validation_ids, block_size, keep_partial=True)
+    if not validation_blocks:
+        raise UserError("the validation text is too short to score (fewer than 2 tokens); add text or "
+                        "raise --validation-split.")
+    used = len(train_blocks) * block_size
+    print(f"tokens: {len(train_ids):,} training tokens in {len(train_blocks)} blocks of {block_size} "
+          f"(dropped the last {len(train_ids) - used} that do not fill a block); "
+          f"{len(validation_ids):,} validation tokens in {len(validation_blocks)} blocks.")
+    train_blocks = common.seeded_subset(train_blocks, args.max_train_samples, args.seed)
+    validation_blocks = validation_blocks[:args.max_eval_samples] if args.max_eval_samples else validation_blocks
+    return {"train": train_blocks, "validation": validation_blocks}
+
+
+def collate_blocks(blocks: list[Any], pad_id: int):
+    """Right-pad blocks; padding is masked out of attention and labels (real EOS tokens keep theirs)."""
+    import torch
+
+    blocks = [b["input_ids"] if isinstance(b, dict) else b for b in blocks]
+    width = max(len(b) for b in blocks)
+    input_ids = torch.full((len(blocks), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(blocks), width), dtype=torch.long)
+    for row, block in enumerate(blocks):
+        input_ids[row, :len(block)] = torch.tensor(block)
+        attention[row, :len(block)] = 1
+    labels = input_ids.masked_fill(attention == 0, -100)
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+
+
+# --------------------------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------------------------
+
+
+def load_causal_lm(resolved: common.ResolvedModel, dtype=None):
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(resolved.path, gguf_file=resolved.gguf_file, dtype=dtype)
+    except (OSError, ValueError) as error:
+        raise UserError(f"could not load '{resolved.name}' as a causal language model: {common.first_line(error)}") from None
+    if getattr(model, "hf_quantizer", None) is not None:
+        # GGUF weights arrive de-quantized to float; drop the quantizer so Trainer and
+        # save_pretrained treat the model as a plain one.
+        model.hf_quantizer.remove_quantization_config(model)
+    return model
+
+
+def prepare_tokenizer(tokenizer):
+    """Give tokenizers without a pad token (GPT-2) one, and pad on the left for batched generation."""
+    if tokenizer.eos_token_id is None:
+        raise UserError("the tokenizer has no end-of-sequence token; documents cannot be separated.")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # labels come from the attention mask, so EOS still counts
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def context_length(model, tokenizer) -> int:
+    candidates = [getattr(model.config, name, None) for name in ("n_positions", "max_position_embeddings", "n_ctx")]
+    candidates = [c for c in candidates if isinstance(c, int) and c > 0]
+    return min(candidates) if candidates else min(tokenizer.model_max_length, 2048)
+
+
+# --------------------------------------------------------------------------------------------
+# Perplexity and generation
+# --------------------------------------------------------------------------------------------
+
+
+def perplexity(model, blocks: list[list[int]], batch_size: int, pad_id: int, precision: str) -> dict[str, float]:
+    """exp(total NLL / total predicted tokens) over all blocks: padding never counts, and the
+    result does not depend on the batch size."""
+    import torch
+
+    device = next(model.parameters()).device
+    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    total_nll, total_tokens = 0.0, 0
+    was_training = model.training
+    model.eval()
+    with torch.inference_mode():
+        for start in range(0, len(blocks), batch_size):
+            batch = {k: v.to(device) for k, v in collate_blocks(blocks[start:start + batch_size], pad_id).items()}
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            targets = batch["labels"][:, 1:]
+            nll = torch.nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(),
+                                                    ignore_index=-100, reduction="sum")
+            total_nll += float(nll)
+            total_tokens += int((targets != -100).sum())
+    model.train(was_training)
+    loss = total_nll / total_tokens
+    return {"loss": loss, "perplexity": math.exp(loss), "tokens": total_tokens}
+
+
+def read_prompts(args: argparse.Namespace, default: bool) -> list[str]:
+    prompts = list(args.prompt or [])
+    if args.prompt_file:
+        file = common.check_input_file(args.prompt_file, "--prompt-file", TEXT_EXTENSIONS)
+        prompts += [line.strip() for line in common.read_text_file(file, "--prompt-file").splitlines() if line.strip()]
+    if not prompts and default:
+        prompts = [line.strip() for line in DEFAULT_PROMPTS.read_text().splitlines() if line.strip()][:3]
+    return prompts
+
+
+def generate(model, tokenizer, prompts: list[str], args: argparse.Namespace) -> list[list[str]]:
+    """Continuations for each prompt (num_return_sequences each), batched with left padding."""
+    import torch
+    from transformers import set_seed
+
+    limit = context_length(model, tokenizer)
+    for prompt in prompts:
+        length = len(tokenizer(prompt)["input_ids"])
+        if length + args.max_new_tokens > limit:
+            raise UserError(f"the prompt '{prompt[:40]}...' is {length} tokens; with --max-new-tokens "
+                            f"{args.max_new_tokens} that exceeds the model's context of {limit} tokens.")
+    set_seed(args.seed)
+    device = next(model.parameters()).device
+    inputs = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
+    options = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
+                   num_return_sequences=args.num_return_sequences, repetition_penalty=args.repetition_penalty,
+                   pad_token_id=tokenizer.pad_token_id)
+    if args.do_sample:
+        options.update(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    was_training = model.training
+    model.eval()
+    with torch.inference_mode():
+        output = model.generate(**inputs, **options)
+    model.train(was_training)
+    texts = tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    n = args.num_return_sequences
+    return [texts[i * n:(i + 1) * n] for i in range(len(prompts))]
+
+
+def generate_from_saved(args: argparse.Namespace) -> None:
+    """--prompt without training data: load the model or adapter in --output-dir and generate."""
+    model_dir = Path(args.output_dir)
+    prompts = read_prompts(args, default=False)
+    if not prompts:
+        raise UserError("no prompt given: pass --prompt TEXT or --prompt-file FILE.")
+    model, tokenizer = load_saved(model_dir)
+    for prompt, samples in zip(prompts, generate(model, tokenizer, prompts, args)):
+        for sample in samples:
+            print(f"{prompt}{sample}\n{'-' * 60}")
+
+
+def load_saved(model_dir: Path):
+    """Load a saved output directory: a LoRA adapter on its base model, or a full/merged model."""
+    from transformers import AutoTokenizer
+
+    if (model_dir / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        record = common.read_json(model_dir / common.RUN_CONFIG_FILE) or {}
+        base = common.ResolvedModel(path=record.get("model_path") or common.read_json(model_dir / "adapter_config.json")["base_model_name_or_path"],
+                                    name=record.get("model", "base model"), gguf_file=record.get("gguf_file"))
+        if not Path(base.path).exists() and base.path.startswith(("/", ".")):
+            raise UserError(f"the adapter's base model {base.path} is missing; reinstall it or retrain.")
+        model = PeftModel.from_pretrained(load_causal_lm(base), model_dir)
+    elif (model_dir / "config.json").is_file():
+        model = load_causal_lm(common.ResolvedModel(path=str(model_dir), name=str(model_dir)))
+    else:
+        raise UserError(f"--output-dir {model_dir} holds no trained model or adapter; train one first "
+                        "(pass --train-file or no data flag) or point --output-dir at it.")
+    return model, prepare_tokenizer(AutoTokenizer.from_pretrained(model_dir))
+
+
+def write_samples(path: Path, prompts: list[str], before: list[list[str]], after: list[list[str]], method: str) -> None:
+    lines = ["# Samples: base model vs fine-tuned", ""]
+    for prompt, base, tuned in zip(prompts, before, after):
+        lines += [f"## Prompt: `{prompt}`", "", "### Base model", ""]
+        lines += [f"```text\n{prompt}{text}\n```\n" for text in base]
+        lines += [f"### Fine-tuned ({method})", ""]
+        lines += [f"```text\n{prompt}{text}\n```\n" for text in tuned]
+    path.write_text("\n".join(lines))
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------
+
+
+def train(args, model, tokenizer, blocks, precision: str, output_dir: Path, resume: str | None):
+    from transformers import Trainer, TrainingArguments
+
+    training_args = TrainingArguments(
+        output_dir=str(output_dir / common.CHECKPOINT_SUBDIR),
+        num_train_epochs=args.epochs,
+        max_steps=args.max_steps or -1,
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.eval_batch_size,
+        learning_rate=args.learning_rate,
+        weight_decay=args.weight_decay,
+        warmup_steps=args.warmup_ratio,
+        eval_strategy="no",
+        save_strategy="epoch" if not args.max_steps else "steps",
+        save_steps=max(1, (args.max_steps or 1) // 2),
+        save_total_limit=1,
+        logging_steps=max(1, min(25, len(blocks["train"]) // max(1, args.batch_size) // 5)),
+        report_to="none",
+        seed=args.seed,
+        **common.precision_training_kwargs(precision),
+    )
+    log_callback, interrupt_callback = common.make_callbacks(output_dir)
+    trainer = Trainer(model=model, args=training_args, train_dataset=[{"input_ids": b} for b in blocks["train"]],
+                      data_collator=lambda batch: collate_blocks(batch, tokenizer.pad_token_id),
+                      callbacks=[log_callback, interrupt_callback])
+    started = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=resume)
+    return trainer, result, time.perf_counter() - started, interrupt_callback.interrupted
+
+
+def report(metrics: dict[str, Any], output_dir: Path) -> None:
+    print()
+    print(f"model       {metrics['model']} ({metrics['method']}, {metrics['precision']})")
+    print(f"            {common.describe_parameters(metrics['params'])}")
+    train = metrics["train"]
+    print(f"training    {train['runtime_s']:.1f} s, {train['steps']} steps, {train['tokens_per_s']:.0f} tokens/s, "
+          f"peak memory {train['peak_rss_mb']:.0f} MB")
+    change = 100 * (metrics["perplexity"] / metrics["perplexity_before"] - 1)
+    print(f"perplexity  {metrics['perplexity_before']:.2f} before -> {metrics['perplexity']:.2f} after "
+          f"({change:+.1f}%) on {metrics['validation']['tokens']:,} validation tokens")
+    print(f"\nsaved to {output_dir} (samples in {SAMPLES_FILE})")
+
+
+def main() -> int:
+    args = parse_args()
+    generating_only = (args.prompt or args.prompt_file) and not (args.train_file or args.dataset)
+    if generating_only:
+        common.quiet_libraries()
+        generate_from_saved(args)
+        return 0
+    started = time.perf_counter()
+    output_dir = common.prepare_output_dir(args.output_dir, args.overwrite_output_dir, bool(args.resume_from_checkpoint))
+    resume = common.resolve_resume_checkpoint(args.resume_from_checkpoint, output_dir)
+    common.quiet_libraries()
+    precision = common.choose_precision(args.fp16, args.bf16, args.fp32)
+    method = "full" if args.full else "lora"
+    if args.learning_rate is None:
+        args.learning_rate = 5e-5 if args.full else 1e-3
+
+    # 1. Read the text.
+    train_docs, validation_docs, source = load_documents(args)
+    print(f"data: {source}: {len(train_docs)} training document(s)"
+          + (f", {len(validation_docs)} validation document(s)" if validation_docs else ""))
+
+    # 2. Model and tokenizer; blocks.
+    import torch
+    import transformers
+
+    resolved = common.resolve_model(args.model_name, allow_fallback=not args.no_fallback, kind="causal-lm")
+    tokenizer = prepare_tokenizer(common.load_tokenizer(resolved))
+    transformers.set_seed(args.seed)
+    model = load_causal_lm(resolved)
+    limit = context_length(model, tokenizer)
+    block_size = args.block_size or min(limit, 1024 if torch.cuda.is_available() else 256)
+    if block_size > limit:
+        raise UserError(f"--block-size {block_size} exceeds the model's context of {limit} tokens.")
+    print(f"model: {resolved.name}  method: {method}  precision: {precision}  learning rate: {args.learning_rate:g}")
+    blocks = build_blocks(args, tokenizer, train_docs, validation_docs, block_size)
+
+    # 3. LoRA adapters (or full fine-tuning).
+    if args.full:
+        targets = None
+    else:
+        model, targets = common.apply_lora(model, args, task_type="CAUSAL_LM")
+        print(f"LoRA: r={args.lora_r}, alpha={args.lora_alpha:g}, targets: {targets if isinstance(targets, str) else ' '.join(targets)}")
+    params = common.count_parameters(model)
+    print(common.describe_parameters(params))
+    if torch.cuda.is_available():
+        model.to("cuda")
+
+    # 4. Perplexity and samples before training.
+    pad_id = tokenizer.pad_token_id
+    before = perplexity(model, blocks["validation"], args.eval_batch_size, pad_id, precision)
+    print(f"perplexity before training: {before['perplexity']:.2f}")
+    prompts = read_prompts(args, default=not (args.train_file or args.dataset)) or sample_prompts(tokenizer, validation_docs or train_docs)
+    samples_before = generate(model, tokenizer, prompts, args)
+
+    common.save_run_config(output_dir, args, {"model": resolved.name, "model_path": resolved.path,
+                                              "gguf_file": resolved.gguf_file, "precision": precision,
+                                              "method": method, "block_size": block_size, "data": source,
+                                              "lora_targets": targets})
+    trainer, result, runtime, interrupted = train(args, model, tokenizer, blocks, precision, output_dir, resume)
+    if interrupted:
+        print(f"\ntraining interrupted; checkpoint saved. Resume with:\n  {common.resume_command(output_dir)}", file=sys.stderr)
+        return 130
+
+    # 5. Perplexity and samples after training.
+    after = perplexity(model, blocks["validation"], args.eval_batch_size, pad_id, precision)
+    samples_after = generate(model, tokenizer, prompts, args)
+
+    # 6. Save adapter or model, merged model, samples, metrics.
+    def save(staging: Path) -> None:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        write_samples(staging / SAMPLES_FILE, prompts, samples_before, samples_after, method)
+    common.save_atomically(output_dir, save)
+    if args.merge_adapter and not args.full:
+        merged = model.merge_and_unload()
+        common.save_atomically(output_dir, lambda staging: (
+            (staging / MERGED_SUBDIR).mkdir(), merged.save_pretrained(staging / MERGED_SUBDIR),
+            tokenizer.save_pretrained(staging / MERGED_SUBDIR)))
+    if not args.keep_checkpoints:
+        import shutil
+
+        shutil.rmtree(output_dir / common.CHECKPOINT_SUBDIR, ignore_errors=True)
+    trained_tokens = result.global_step * args.batch_size * block_size
+    train_stats = {"runtime_s": round(runtime, 2), "steps": result.global_step,
+                   "samples_per_s": round(result.global_step * args.batch_size / runtime, 2),
+                   "tokens_per_s": round(trained_tokens / runtime, 1), "blocks": len(blocks["train"]),
+                   "block_size": block_size, "final_loss": round(result.training_loss, 4),
+                   "peak_rss_mb": common.peak_rss_mb(), "wall_time_s": round(time.perf_counter() - started, 2)}
+    metrics = common.build_metrics(
+        "text-generation", method, resolved.name, precision, params, train_stats,
+        {"loss": after["loss"], "perplexity": after["perplexity"], "tokens": after["tokens"]}, None,
+        {"perplexity_before": before["perplexity"], "perplexity": after["perplexity"],
+         "eval_loss_before": before["loss"], "eval_loss": after["loss"],
+         "adapter_size_mb": common.directory_size_mb(output_dir) if not args.full else None})
+    common.write_json(output_dir / common.METRICS_FILE, metrics)
+    common.plot_training_curves(common.read_jsonl(output_dir / common.TRAINING_LOG_FILE), "loss",
+                                output_dir / common.PLOT_FILE, f"{Path(resolved.name).name}: {method}")
+    report(metrics, output_dir)
+    return 0
+
+
+def sample_prompts(tokenizer, documents: list[str], count: int = 3, words: int = 6) -> list[str]:
+    """Prompts for samples.md when the user gave none: the opening words of a few documents."""
+    starts = [" ".join(doc.split()[:words]) for doc in documents[:count]]
+    return [s for s in starts if s] or ["The"]
+
+
+if __name__ == "__main__":
+    common.run_cli(main)
