@@ -101,7 +101,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if action.default not in (None, False, argparse.SUPPRESS) and "default" not in text:
+        if action.default is not None and action.default is not False and action.default != argparse.SUPPRESS \
+                and "default" not in text:
             text += " (default: %(default)s)"
         return text
 
@@ -135,7 +136,8 @@ def add_data_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     return group
 
 
-def add_training_args(parser: argparse.ArgumentParser, learning_rate: float, fallback_learning_rate: float) -> argparse._ArgumentGroup:
+def add_training_args(parser: argparse.ArgumentParser, learning_rate: float, fallback_learning_rate: float,
+                      head_lr_multiplier: float = 1.0) -> argparse._ArgumentGroup:
     group = parser.add_argument_group("training")
     group.add_argument("--epochs", type=positive_float, default=3.0, help="Number of training epochs.")
     group.add_argument("--batch-size", type=positive_int, default=8, help="Training batch size per device.")
@@ -151,7 +153,7 @@ def add_training_args(parser: argparse.ArgumentParser, learning_rate: float, fal
     group.add_argument("--seed", type=int, default=42, help="Random seed (data order, split, initialisation).")
     group.add_argument("--early-stopping-patience", type=positive_int,
                        help="Stop after this many evaluations without improvement.")
-    group.add_argument("--head-lr-multiplier", type=positive_float, default=1.0,
+    group.add_argument("--head-lr-multiplier", type=positive_float, default=head_lr_multiplier,
                        help="Learning-rate multiplier for the freshly initialised task head "
                             "(parameters missing from the pretrained checkpoint).")
     group.add_argument("--freeze-embeddings", action="store_true",
@@ -656,22 +658,14 @@ def make_trainer_class(base, length_grouping: bool = True, fresh_parameters: Seq
         def create_optimizer(self, model=None):
             if self.optimizer is not None or head_lr_multiplier == 1.0 or not fresh:
                 return super().create_optimizer(model)
-            import re
-            llrd = float(os.environ.get("LLRD", "1"))
             model = self.model if model is None else model
             decay = set(self.get_decay_parameter_names(model))
-            names = [n for n, _ in model.named_parameters()]
-            depths = [int(m.group(1)) for n in names for m in [re.search(r"layers?\.(\d+)\.", n)] if m]
-            top = max(depths) + 1 if depths else 0
-            groups: dict[tuple, list] = {}
+            groups: dict[tuple[float, bool], list] = {}
             for name, parameter in model.named_parameters():
                 if parameter.requires_grad:
-                    is_head = any(name == f or name.endswith("." + f) for f in fresh)
-                    m = re.search(r"layers?\.(\d+)\.", name)
-                    if is_head: scale = head_lr_multiplier
-                    elif m: scale = llrd ** (top - int(m.group(1)))
-                    elif "embed" in name: scale = llrd ** (top + 1)
-                    else: scale = 1.0
+                    plain = name.replace("modules_to_save.default.", "")  # PEFT's copy of a head
+                    is_head = any(plain == f or plain.endswith("." + f) for f in fresh)
+                    scale = head_lr_multiplier if is_head else 1.0
                     groups.setdefault((scale, name in decay), []).append(parameter)
             optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
             self.optimizer = optimizer_cls(
@@ -903,6 +897,23 @@ def apply_lora(model, args: argparse.Namespace, task_type: str, modules_to_save:
                         modules_to_save=list(modules_to_save) or None,
                         use_rslora=args.use_rslora, use_dora=args.use_dora)
     return get_peft_model(model, config), targets
+
+
+def fresh_modules(model, fresh_parameters: Sequence[str]) -> list[str]:
+    """The outermost modules made only of parameters that the task head added at load time
+    (DistilBERT's pre_classifier and classifier, RoBERTa's classifier, ...): LoRA must train and
+    save them in full (modules_to_save), or a reloaded adapter would get a random head."""
+    fresh = set(fresh_parameters)
+    names = [name for name, _ in model.named_parameters()]
+    modules = set()
+    for parameter in fresh:
+        parts = parameter.split(".")[:-1]
+        for depth in range(1, len(parts) + 1):
+            prefix = ".".join(parts[:depth]) + "."
+            if all(name in fresh for name in names if name.startswith(prefix)):
+                modules.add(prefix[:-1])
+                break
+    return sorted(modules)
 
 
 def describe_parameters(params: dict[str, int]) -> str:

@@ -27,7 +27,7 @@ import re
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -119,12 +119,11 @@ class Sentence:
 
 @dataclass
 class Split:
-    """One split after checking: IOB2 tags, and what was found on the way."""
+    """The sentences of one split, where they came from, and the tag scheme they were written in."""
 
     sentences: list[Sentence]
     source: str
     scheme: str = ""
-    notes: list[str] = field(default_factory=list)
 
 
 def read_conll(path: str, flag: str) -> list[Sentence]:
@@ -166,7 +165,7 @@ def read_conll(path: str, flag: str) -> list[Sentence]:
         raise UserError(f"{flag} {file}: no sentences found; expected one 'token ... tag' line per token "
                         "and a blank line between sentences.")
     for sentence in sentences:
-        sentence.tags = [int(tag) if tag.isdigit() else tag for tag in sentence.tags]
+        sentence.tags = [normalise_tag(tag) for tag in sentence.tags]
     strip_language_prefix(sentences, flag, file)
     return sentences
 
@@ -232,7 +231,7 @@ def normalise_tag(tag: Any) -> Any:
     if isinstance(tag, float) and tag.is_integer():
         return int(tag)
     text = str(tag).strip()
-    return int(text) if text.isdigit() else text
+    return int(text) if text.isascii() and text.isdigit() else text
 
 
 def read_sentences(path: str, flag: str, args: argparse.Namespace) -> list[Sentence]:
@@ -806,7 +805,10 @@ def predict(args: argparse.Namespace) -> None:
         raise UserError(f"--output-dir {args.output_dir} holds no trained model; train one first "
                         "(run without --predict) or point --output-dir at it.")
     common.quiet_libraries()
+    import transformers
     from transformers import AutoModelForTokenClassification
+
+    transformers.utils.logging.disable_progress_bar()
 
     tokenizer = load_word_tokenizer(str(model_dir))
     try:

@@ -31,19 +31,22 @@ LABEL_COLUMNS = ("label", "labels", "sentiment", "class", "target", "category", 
                  "rating", "stars")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
+def build_parser(description: str = __doc__, learning_rate: float = 2e-5, fallback_learning_rate: float = 1e-4,
+                 head_lr_multiplier: float = 30.0, output_dir: str = "./results") -> argparse.ArgumentParser:
+    """The classification flags; lora_finetuning.py builds on the same parser."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=common.HelpFormatter)
     common.add_model_args(parser, DEFAULT_MODEL)
     common.add_data_args(parser)
     columns = parser.add_argument_group("columns")
     columns.add_argument("--text-column", help=f"Column with the text (auto: one of {', '.join(TEXT_COLUMNS[:5])}, ...).")
     columns.add_argument("--label-column", help=f"Column with the label (auto: one of {', '.join(LABEL_COLUMNS[:5])}, ...).")
-    training = common.add_training_args(parser, learning_rate=2e-5, fallback_learning_rate=1e-4)
+    training = common.add_training_args(parser, learning_rate=learning_rate, fallback_learning_rate=fallback_learning_rate,
+                                        head_lr_multiplier=head_lr_multiplier)
     training.add_argument(
         "--metric-for-best-model", choices=("accuracy", "f1_macro", "loss"), default="accuracy",
         help="Validation metric that picks the checkpoint kept at the end.")
     common.add_precision_args(parser)
-    output = common.add_output_args(parser, "./results")
+    output = common.add_output_args(parser, output_dir)
     output.add_argument(
         "--keep-checkpoints", action="store_true",
         help="Keep the intermediate checkpoints (with optimizer state) after a successful run.")
@@ -51,14 +54,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     predict.add_argument("--predict", action="append", metavar="TEXT",
                          help="Classify this text and exit (repeatable).")
     predict.add_argument("--predict-file", help="Classify every non-empty line of this text file and exit.")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
+    check_args(parser, args)
+    return args
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.max_length < 8:
         parser.error("--max-length must be at least 8")
     if args.dataset and args.train_file:
         parser.error("--dataset and --train-file are mutually exclusive")
     if not 0 <= args.warmup_ratio < 1:
         parser.error("--warmup-ratio must be in [0, 1)")
-    return args
 
 
 # --------------------------------------------------------------------------------------------
@@ -304,16 +316,21 @@ def evaluate(trainer, dataset: list[dict], label_names: list[str]) -> dict[str, 
 # --------------------------------------------------------------------------------------------
 
 
-def predict(args: argparse.Namespace) -> None:
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
+def read_predict_texts(args: argparse.Namespace) -> list[str]:
     texts = list(args.predict or [])
     if args.predict_file:
         file = common.check_input_file(args.predict_file, "--predict-file", (".txt", ".text", ".csv", ".tsv"))
         texts += [line.strip() for line in common.read_text_file(file, "--predict-file").splitlines() if line.strip()]
     if not texts:
         raise UserError("nothing to classify: --predict was empty and --predict-file had no lines.")
+    return texts
+
+
+def predict(args: argparse.Namespace) -> None:
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    texts = read_predict_texts(args)
     model_dir = Path(args.output_dir)
     if not (model_dir / "config.json").is_file():
         raise UserError(f"--output-dir {args.output_dir} holds no trained model; train one first "
@@ -340,15 +357,9 @@ def predict(args: argparse.Namespace) -> None:
 
 
 def save_outputs(trainer, tokenizer, output_dir: Path, keep_checkpoints: bool) -> None:
-    """Save the best model and tokenizer; write to a temporary folder first so a crash never
-    leaves a half-written model over a previous one."""
-    staging = output_dir / ".saving"
-    shutil.rmtree(staging, ignore_errors=True)
-    trainer.save_model(str(staging))
-    tokenizer.save_pretrained(str(staging))
-    for file in staging.iterdir():
-        file.replace(output_dir / file.name)
-    staging.rmdir()
+    """Save the best model (or adapter) and the tokenizer, atomically; drop the checkpoints."""
+    common.save_atomically(output_dir, lambda staging: (trainer.save_model(str(staging)),
+                                                        tokenizer.save_pretrained(str(staging))))
     if not keep_checkpoints:
         shutil.rmtree(output_dir / common.CHECKPOINT_SUBDIR, ignore_errors=True)
 
@@ -357,7 +368,7 @@ def report(metrics: dict[str, Any], output_dir: Path) -> None:
     print()
     print(f"model      {metrics['model']}")
     print(f"precision  {metrics['precision']}")
-    print(f"parameters {metrics['params']['trainable']:,} trainable / {metrics['params']['total']:,} total")
+    print(common.describe_parameters(metrics["params"]))
     print(f"training   {metrics['train']['runtime_s']:.1f} s, {metrics['train']['samples_per_s']:.1f} samples/s, "
           f"peak memory {metrics['train']['peak_rss_mb']:.0f} MB")
     rows = []
@@ -374,12 +385,9 @@ def report(metrics: dict[str, Any], output_dir: Path) -> None:
     print(f"\nsaved model, metrics.json, run_config.json, training log and plot to {output_dir}")
 
 
-def main() -> int:
-    args = parse_args()
-    if args.predict or args.predict_file:
-        common.quiet_libraries()
-        predict(args)
-        return 0
+def run(args: argparse.Namespace, method: str = "full") -> dict[str, Any] | None:
+    """Train and evaluate; `method` is "full" or "lora" (lora_finetuning.py). Returns the metrics,
+    or None when training was interrupted (a checkpoint was saved)."""
     started = time.perf_counter()
     output_dir = common.prepare_output_dir(args.output_dir, args.overwrite_output_dir, bool(args.resume_from_checkpoint))
     resume = common.resolve_resume_checkpoint(args.resume_from_checkpoint, output_dir)
@@ -395,7 +403,7 @@ def main() -> int:
     # 2. Resolve the model and tokenize every split once.
     resolved = common.resolve_model(args.model_name, allow_fallback=not args.no_fallback)
     common.settle_learning_rate(args, resolved)
-    print(f"model: {resolved.name}  precision: {precision}  learning rate: {args.learning_rate:g}")
+    print(f"model: {resolved.name}  method: {method}  precision: {precision}  learning rate: {args.learning_rate:g}")
     tokenizer = common.load_tokenizer(resolved)
     datasets = {}
     for split, items in examples.items():
@@ -403,42 +411,61 @@ def main() -> int:
         if truncated:
             print(f"note: {truncated} {split} example(s) were cut to --max-length {args.max_length} tokens.")
 
-    # 3. Build the model and train.
+    # 3. Build the model (with LoRA adapters when asked) and train.
     import transformers
 
     transformers.set_seed(args.seed)
     model, fresh_parameters = build_model(resolved, label_names)
     if args.freeze_embeddings:
         model.get_input_embeddings().weight.requires_grad_(False)
+    lora_targets = None
+    if method == "lora":
+        head_modules = common.fresh_modules(model, fresh_parameters)
+        model, lora_targets = common.apply_lora(model, args, "SEQ_CLS", head_modules)
     params = common.count_parameters(model)
-    common.save_run_config(output_dir, args, {"model": resolved.name, "model_path": resolved.path,
-                                              "precision": precision, "labels": label_names, "data": source})
+    print(common.describe_parameters(params))
+    common.save_run_config(output_dir, args, {"model": resolved.name, "model_path": resolved.path, "method": method,
+                                              "precision": precision, "labels": label_names, "data": source,
+                                              "lora_targets": lora_targets})
     trainer, result, runtime, log, interrupted = train(args, model, fresh_parameters, tokenizer, datasets, label_names,
                                                        precision, output_dir, resume)
     if interrupted:
         print(f"\ntraining interrupted; checkpoint saved. Resume with:\n  {common.resume_command(output_dir)}",
               file=sys.stderr)
-        return 130
+        return None
 
     # 4. Evaluate the best model on validation and test.
     validation = evaluate(trainer, datasets["validation"], label_names)
     test = evaluate(trainer, datasets["test"], label_names) if "test" in datasets else None
 
-    # 5. Save the model, metrics and logs; then report.
+    # 5. Save the model (or adapter), metrics and logs; then report.
     save_outputs(trainer, tokenizer, output_dir, args.keep_checkpoints)
     train_stats = {"runtime_s": round(runtime, 2),
                    "samples_per_s": round(len(datasets["train"]) * args.epochs / runtime, 2),
                    "steps": result.global_step, "examples": len(datasets["train"]), "epochs": args.epochs,
                    "final_loss": round(result.training_loss, 4), "peak_rss_mb": common.peak_rss_mb(),
                    "wall_time_s": round(time.perf_counter() - started, 2)}
-    metrics = common.build_metrics("text-classification", "full", resolved.name, precision, params,
-                                   train_stats, validation, test, {"labels": label_names})
+    extra = {"labels": label_names, "saved_size_mb": common.directory_size_mb(output_dir)}
+    if method == "lora":
+        extra["lora"] = {"r": args.lora_r, "alpha": args.lora_alpha, "dropout": args.lora_dropout,
+                         "target_modules": lora_targets, "modules_to_save": head_modules}
+    metrics = common.build_metrics("text-classification", method, resolved.name, precision, params,
+                                   train_stats, validation, test, extra)
     common.write_json(output_dir / common.METRICS_FILE, metrics)
     records = common.read_jsonl(output_dir / common.TRAINING_LOG_FILE)
-    common.plot_training_curves(records, "accuracy", output_dir / common.PLOT_FILE,
-                                f"{Path(resolved.name).name}: full fine-tuning")
+    title = "full fine-tuning" if method == "full" else f"LoRA r={args.lora_r}"
+    common.plot_training_curves(records, "accuracy", output_dir / common.PLOT_FILE, f"{Path(resolved.name).name}: {title}")
     report(metrics, output_dir)
-    return 0
+    return metrics
+
+
+def main() -> int:
+    args = parse_args()
+    if args.predict or args.predict_file:
+        common.quiet_libraries()
+        predict(args)
+        return 0
+    return 0 if run(args) is not None else 130
 
 
 if __name__ == "__main__":

@@ -1,0 +1,212 @@
+"""lora_finetuning.py: target defaults, heads saved with the adapter, switching, merging, the report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import assert_clean_error, build_tiny_encoder, run_script
+
+SCRIPT = "lora_finetuning.py"
+FAST = ("--epochs", "1", "--batch-size", "16", "--learning-rate", "5e-3", "--max-train-samples", "96",
+        "--max-eval-samples", "40")
+LABELS = ["negative", "positive"]
+
+
+@pytest.fixture(scope="module")
+def encoders(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("encoders")
+    return {kind: build_tiny_encoder(root / kind, kind=kind) for kind in ("bert", "distilbert", "roberta")}
+
+
+def lora_args(**overrides) -> argparse.Namespace:
+    values = dict(lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_target_modules=None, use_rslora=False, use_dora=False)
+    values.update(overrides)
+    return argparse.Namespace(**values)
+
+
+def make_adapter(model_dir: Path, output_dir: Path, seed: int):
+    """A LoRA classifier with random (non-zero) adapter and head weights, saved like the script saves it."""
+    import torch
+    from transformers import AutoTokenizer
+
+    import common
+    import sentiment_finetuning
+
+    torch.manual_seed(seed)
+    resolved = common.ResolvedModel(path=str(model_dir), name=str(model_dir))
+    model, fresh = sentiment_finetuning.build_model(resolved, LABELS)
+    head = common.fresh_modules(model, fresh)
+    model, _ = common.apply_lora(model, lora_args(), "SEQ_CLS", head)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if parameter.requires_grad:  # adapters and the head: as if trained
+                parameter.add_(torch.randn_like(parameter) * 0.5)
+    model.save_pretrained(output_dir)
+    (output_dir / "run_config.json").write_text(json.dumps({"model_path": str(model_dir), "labels": LABELS}))
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(output_dir)
+    return model.eval(), head
+
+
+def logits(model, model_dir: Path, texts=("great phone", "the soup was cold and bland", "never again")):
+    import torch
+    from transformers import AutoTokenizer
+
+    inputs = AutoTokenizer.from_pretrained(model_dir)(list(texts), padding=True, return_tensors="pt")
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+# ---- target modules ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind, expected", [("distilbert", ["q_lin", "v_lin"]), ("bert", ["query", "value"]),
+                                            ("roberta", ["query", "value"])])
+def test_default_target_modules_per_architecture(encoders, kind, expected):
+    from transformers import AutoModelForSequenceClassification
+
+    import common
+
+    model = AutoModelForSequenceClassification.from_pretrained(encoders[kind], num_labels=2)
+    assert common.lora_target_modules(model, None) == expected
+    assert common.lora_target_modules(model, ["all-linear"]) == "all-linear"
+
+
+def test_gpt2_default_target_is_c_attn(tiny_gpt2):
+    from transformers import AutoModelForCausalLM
+
+    import common
+
+    assert common.lora_target_modules(AutoModelForCausalLM.from_pretrained(tiny_gpt2), None) == ["c_attn"]
+
+
+# ---- the head is trained and saved with the adapter ---------------------------------------------
+
+
+@pytest.mark.parametrize("kind, head", [("distilbert", {"pre_classifier", "classifier"}), ("bert", {"classifier"}),
+                                        ("roberta", {"classifier"})])
+def test_fresh_head_modules_are_saved_and_reload_gives_the_same_predictions(encoders, kind, head, tmp_path):
+    import lora_finetuning
+
+    model, saved_head = make_adapter(encoders[kind], tmp_path, seed=1)
+    assert set(saved_head) == head
+    before = logits(model, encoders[kind])
+    reloaded, _, labels = lora_finetuning.load_adapters([tmp_path])
+    assert labels == LABELS
+    assert (before - logits(reloaded, encoders[kind])).abs().max() < 1e-5
+
+
+# ---- switching and merging -------------------------------------------------------------------------
+
+
+def test_switching_adapters_gives_each_adapters_own_predictions(encoders, tmp_path):
+    import lora_finetuning
+
+    model_dir = encoders["bert"]
+    first, _ = make_adapter(model_dir, tmp_path / "a", seed=1)
+    second, _ = make_adapter(model_dir, tmp_path / "b", seed=2)
+    expected = [logits(first, model_dir), logits(second, model_dir)]
+    assert (expected[0] - expected[1]).abs().max() > 1e-3
+    model, names, _ = lora_finetuning.load_adapters([tmp_path / "a", tmp_path / "b"])
+    for name, want in zip(names * 2, expected * 2):  # back and forth, without reloading the base
+        model.set_adapter(name)
+        assert (logits(model, model_dir) - want).abs().max() < 1e-5
+
+
+def test_merged_model_equals_adapter_on_base_and_needs_no_peft(encoders, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    model_dir = encoders["distilbert"]
+    adapted, _ = make_adapter(model_dir, tmp_path, seed=3)
+    result = run_script(SCRIPT, "--output-dir", tmp_path, "--merge-adapter")
+    assert result.returncode == 0, result.stderr
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    assert merged.config.id2label == {0: "negative", 1: "positive"}
+    assert (logits(adapted, model_dir) - logits(merged, model_dir)).abs().max() < 1e-4
+
+
+def test_predict_with_several_adapters_prints_each(encoders, tmp_path):
+    model_dir = encoders["bert"]
+    make_adapter(model_dir, tmp_path / "a", seed=1)
+    make_adapter(model_dir, tmp_path / "b", seed=2)
+    result = run_script(SCRIPT, "--adapter", tmp_path / "a", "--adapter", tmp_path / "b", "--predict", "lovely",
+                        "--predict", "awful")
+    assert result.returncode == 0, result.stderr
+    assert "base not reloaded" in result.stdout
+    predictions = [line for line in result.stdout.splitlines() if line.split()[:1] in (["negative"], ["positive"])]
+    assert len(predictions) == 4
+
+
+# ---- the CLI end to end and the comparison report ------------------------------------------------------
+
+
+def test_lora_run_trains_only_adapters_and_head(encoders, tmp_path):
+    result = run_script(SCRIPT, "--model-name", encoders["distilbert"], "--output-dir", tmp_path, *FAST)
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["method"] == "lora"
+    assert metrics["params"]["trainable"] < 0.2 * metrics["params"]["total"]
+    assert metrics["lora"]["target_modules"] == ["q_lin", "v_lin"]
+    assert metrics["lora"]["modules_to_save"] == ["classifier", "pre_classifier"]
+    assert (tmp_path / "adapter_model.safetensors").is_file() and not (tmp_path / "model.safetensors").exists()
+    assert "reduction" in result.stdout
+
+
+def test_compare_writes_the_report_from_both_runs(encoders, tmp_path):
+    result = run_script(SCRIPT, "--compare", "--model-name", encoders["bert"], "--output-dir", tmp_path, *FAST)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    full = json.loads((tmp_path / "full" / "metrics.json").read_text())
+    lora = json.loads((tmp_path / "lora" / "metrics.json").read_text())
+    assert full["method"] == "full" and lora["method"] == "lora"
+    assert full["train"]["examples"] == lora["train"]["examples"] == 96
+    assert full["labels"] == lora["labels"]
+    comparison = json.loads((tmp_path / "comparison.json").read_text())
+    assert comparison["full"]["trainable_params"] == full["params"]["trainable"]
+    assert comparison["lora"]["trainable_params"] == lora["params"]["trainable"]
+    assert comparison["lora"]["train_runtime_s"] == lora["train"]["runtime_s"]
+    assert comparison["lora"]["test_accuracy"] == lora["test"]["accuracy"]
+    assert comparison["lora_time_ratio"] == pytest.approx(lora["train"]["runtime_s"] / full["train"]["runtime_s"], abs=1e-3)
+    report = (tmp_path / "comparison.md").read_text()
+    for section in ("trainable parameters", "total parameters", "saved size", "training time", "samples/s",
+                    "peak memory", "validation accuracy", "test accuracy", "loss_curves.png", "metric_vs_time.png"):
+        assert section in report, section
+    for image in ("loss_curves.png", "metric_vs_time.png"):
+        assert (tmp_path / image).read_bytes()[:4] == b"\x89PNG"
+    again = run_script(SCRIPT, "--compare-runs", tmp_path / "full", tmp_path / "lora", "--output-dir", tmp_path / "again")
+    assert again.returncode == 0, again.stderr
+    assert json.loads((tmp_path / "again" / "comparison.json").read_text())["full"] == comparison["full"]
+
+
+# ---- bad input -------------------------------------------------------------------------------------------
+
+
+def test_merge_adapter_on_a_full_model(encoders, tmp_path):
+    shutil.copytree(encoders["bert"], tmp_path / "full")
+    result = run_script(SCRIPT, "--output-dir", tmp_path / "full", "--merge-adapter")
+    assert_clean_error(result, "holds a full model, not a LoRA adapter")
+
+
+def test_adapter_whose_base_model_is_missing(encoders, tmp_path):
+    moved = tmp_path / "base"
+    shutil.copytree(encoders["bert"], moved)
+    make_adapter(moved, tmp_path / "adapter", seed=1)
+    shutil.rmtree(moved)
+    result = run_script(SCRIPT, "--output-dir", tmp_path / "adapter", "--predict", "hi")
+    assert_clean_error(result, "base model", "is missing")
+
+
+def test_adapters_of_different_base_models(encoders, tmp_path):
+    make_adapter(encoders["bert"], tmp_path / "a", seed=1)
+    make_adapter(encoders["roberta"], tmp_path / "b", seed=1)
+    result = run_script(SCRIPT, "--adapter", tmp_path / "a", "--adapter", tmp_path / "b", "--predict", "hi")
+    assert_clean_error(result, "different base models")
+
+
+def test_target_modules_that_match_nothing_list_the_modules(encoders, tmp_path):
+    result = run_script(SCRIPT, "--model-name", encoders["bert"], "--output-dir", tmp_path, *FAST,
+                        "--lora-target-modules", "q_proj")
+    assert_clean_error(result, "no such linear module", "query", "value")
