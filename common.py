@@ -64,10 +64,14 @@ def quiet_libraries() -> None:
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()  # weight-loading and shard-writing bars
     import datasets
 
     datasets.utils.logging.set_verbosity_error()
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message="Could not find a config file")
+    warnings.filterwarnings("ignore", message="fan_in_fan_out is set to False")
 
 
 # --------------------------------------------------------------------------------------------
@@ -677,6 +681,48 @@ def make_trainer_class(base, length_grouping: bool = True, fresh_parameters: Seq
     return ProjectTrainer
 
 
+def build_classifier_trainer(args: argparse.Namespace, model, fresh_parameters: Sequence[str], tokenizer,
+                             train_dataset, eval_dataset, data_collator, compute_metrics, precision: str,
+                             output_dir: Path):
+    """A Trainer for the encoder tasks (sequence and token classification), set up the same way:
+    evaluation and a checkpoint every epoch, the best checkpoint kept, the JSONL log, graceful
+    Ctrl-C, optional early stopping, length-grouped batches and the head learning-rate multiplier.
+    Returns the trainer and the interrupt callback (whose `interrupted` tells how training ended)."""
+    from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
+
+    steps_per_epoch = max(1, -(-len(train_dataset) // args.batch_size))
+    training_args = TrainingArguments(
+        output_dir=str(output_dir / CHECKPOINT_SUBDIR),
+        num_train_epochs=args.epochs,
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.eval_batch_size,
+        learning_rate=args.learning_rate,
+        weight_decay=args.weight_decay,
+        warmup_steps=args.warmup_ratio,
+        eval_strategy="epoch",
+        save_strategy="epoch",
+        save_total_limit=2,
+        load_best_model_at_end=True,
+        metric_for_best_model=args.metric_for_best_model,
+        greater_is_better=args.metric_for_best_model != "loss",
+        logging_steps=max(1, min(50, steps_per_epoch // 5)),
+        report_to="none",
+        seed=args.seed,
+        dataloader_num_workers=0,
+        **precision_training_kwargs(precision),
+    )
+    log_callback, interrupt_callback = make_callbacks(output_dir)
+    callbacks = [log_callback, interrupt_callback]
+    if args.early_stopping_patience:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=args.early_stopping_patience))
+    trainer_class = make_trainer_class(Trainer, length_grouping=not args.no_length_grouping,
+                                       fresh_parameters=fresh_parameters, head_lr_multiplier=args.head_lr_multiplier)
+    trainer = trainer_class(model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                            data_collator=data_collator, processing_class=tokenizer, compute_metrics=compute_metrics,
+                            callbacks=callbacks)
+    return trainer, interrupt_callback
+
+
 def make_callbacks(output_dir: Path):
     """Callbacks shared by the scripts: a JSONL training log and graceful Ctrl-C handling."""
     from transformers import TrainerCallback
@@ -686,7 +732,6 @@ def make_callbacks(output_dir: Path):
 
         def __init__(self):
             self.path = output_dir / TRAINING_LOG_FILE
-            self.records: list[dict[str, Any]] = []
 
         def on_train_begin(self, args, state, control, **kwargs):
             if not state.is_world_process_zero:
@@ -702,7 +747,6 @@ def make_callbacks(output_dir: Path):
                 return
             record = {"step": state.global_step, "epoch": round(state.epoch or 0, 4),
                       "time": round(time.time(), 3), **logs}
-            self.records.append(record)
             with self.path.open("a") as handle:
                 handle.write(json.dumps(record) + "\n")
 

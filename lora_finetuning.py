@@ -19,7 +19,6 @@ with the adapter, so a reloaded adapter predicts exactly what the trained one di
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import time
@@ -231,9 +230,10 @@ def write_comparison(full_dir: Path, lora_dir: Path, output_dir: Path) -> dict[s
         return {"trainable_params": metrics["params"]["trainable"], "total_params": metrics["params"]["total"],
                 "trainable_share_pct": round(100 * metrics["params"]["trainable"] / metrics["params"]["total"], 3),
                 "saved_size_mb": metrics.get("saved_size_mb"), "train_runtime_s": metrics["train"]["runtime_s"],
+                "eval_time_s": metrics["train"].get("eval_time_s", 0.0),
                 "samples_per_s": metrics["train"]["samples_per_s"], "peak_rss_mb": metrics["train"]["peak_rss_mb"],
                 "validation_accuracy": metrics["validation"]["accuracy"], "validation_f1_macro": metrics["validation"]["f1_macro"],
-                **({f"test_accuracy": metrics["test"]["accuracy"], "test_f1_macro": metrics["test"]["f1_macro"]}
+                **({"test_accuracy": metrics["test"]["accuracy"], "test_f1_macro": metrics["test"]["f1_macro"]}
                    if "test" in metrics else {})}
 
     comparison = {
@@ -302,7 +302,8 @@ def comparison_markdown(c: dict, full: dict, lora: dict, split: str) -> str:
         f"| total parameters | {f['total_params']:,} | {l['total_params']:,} |",
         f"| trainable share | {f['trainable_share_pct']:.2f}% | {l['trainable_share_pct']:.2f}% |",
         f"| saved size (safetensors) | {f['saved_size_mb']} MB | {l['saved_size_mb']} MB |",
-        f"| training time | {f['train_runtime_s']:.1f} s | {l['train_runtime_s']:.1f} s |",
+        f"| training time (with per-epoch evaluation) | {f['train_runtime_s']:.1f} s | {l['train_runtime_s']:.1f} s |",
+        f"| of which evaluation | {f['eval_time_s']:.1f} s | {l['eval_time_s']:.1f} s |",
         f"| samples/s | {f['samples_per_s']:.1f} | {l['samples_per_s']:.1f} |",
         f"| peak memory (RSS) | {f['peak_rss_mb']:.0f} MB | {l['peak_rss_mb']:.0f} MB |",
         f"| validation accuracy | {f['validation_accuracy']:.4f} | {l['validation_accuracy']:.4f} |",

@@ -848,9 +848,10 @@ def report(metrics: dict[str, Any], output_dir: Path) -> None:
     print()
     print(f"model      {metrics['model']}")
     print(f"precision  {metrics['precision']}")
-    print(f"parameters {metrics['params']['trainable']:,} trainable / {metrics['params']['total']:,} total")
-    print(f"training   {metrics['train']['runtime_s']:.1f} s, {metrics['train']['sentences_per_s']:.1f} sentences/s, "
-          f"peak memory {metrics['train']['peak_rss_mb']:.0f} MB")
+    print(common.describe_parameters(metrics["params"]))
+    train = metrics["train"]
+    print(f"training   {train['runtime_s']:.1f} s (of which evaluation {train['eval_time_s']:.1f} s), "
+          f"{train['sentences_per_s']:.1f} sentences/s, peak memory {train['peak_rss_mb']:.0f} MB")
     print(f"scoring    {metrics['scheme']['scoring']} (tags found: "
           + ", ".join(f"{split} {scheme}" for split, scheme in metrics["scheme"]["detected"].items()) + ")")
     rows = []
@@ -930,17 +931,19 @@ def main() -> int:
 
     # 5. Save the model, metrics and logs; then report.
     save_outputs(trainer, tokenizer, output_dir, args.keep_checkpoints)
+    records = common.read_jsonl(output_dir / common.TRAINING_LOG_FILE)
+    eval_time = sum(float(r.get("eval_runtime", 0)) for r in records)
+    train_time = max(runtime - eval_time, 1e-6)  # throughput counts training steps only
     sentences = len(data["train"].gold)
-    train_stats = {"runtime_s": round(runtime, 2),
-                   "samples_per_s": round(len(data["train"].features) * args.epochs / runtime, 2),
-                   "sentences_per_s": round(sentences * args.epochs / runtime, 2),
+    train_stats = {"runtime_s": round(runtime, 2), "eval_time_s": round(eval_time, 2),
+                   "samples_per_s": round(len(data["train"].features) * args.epochs / train_time, 2),
+                   "sentences_per_s": round(sentences * args.epochs / train_time, 2),
                    "steps": result.global_step, "examples": sentences, "windows": len(data["train"].features),
                    "epochs": args.epochs, "final_loss": round(result.training_loss, 4),
                    "peak_rss_mb": common.peak_rss_mb(), "wall_time_s": round(time.perf_counter() - started, 2)}
     metrics = common.build_metrics("token-classification", "full", resolved.name, precision, params,
                                    train_stats, validation, test, {"labels": label_names, "scheme": scheme_info})
     common.write_json(output_dir / common.METRICS_FILE, metrics)
-    records = common.read_jsonl(output_dir / common.TRAINING_LOG_FILE)
     common.plot_training_curves(records, "f1", output_dir / common.PLOT_FILE,
                                 f"{Path(resolved.name).name}: NER full fine-tuning")
     report(metrics, output_dir)

@@ -258,49 +258,20 @@ def classification_metrics(logits, labels, label_names: list[str]) -> dict[str, 
     }
 
 
-def train(args, model, fresh_parameters, tokenizer, datasets: dict[str, list[dict]], label_names, precision, output_dir: Path, resume: str | None):
-    from transformers import DataCollatorWithPadding, EarlyStoppingCallback, Trainer, TrainingArguments
+def train(args, model, fresh_parameters, tokenizer, datasets: dict[str, list[dict]], label_names, precision,
+          output_dir: Path, resume: str | None):
+    from transformers import DataCollatorWithPadding
 
     def compute_metrics(prediction):
         metrics = classification_metrics(prediction.predictions, prediction.label_ids, label_names)
         return {"accuracy": metrics["accuracy"], "f1_macro": metrics["f1_macro"]}
 
-    steps_per_epoch = max(1, -(-len(datasets["train"]) // args.batch_size))
-    training_args = TrainingArguments(
-        output_dir=str(output_dir / common.CHECKPOINT_SUBDIR),
-        num_train_epochs=args.epochs,
-        per_device_train_batch_size=args.batch_size,
-        per_device_eval_batch_size=args.eval_batch_size,
-        learning_rate=args.learning_rate,
-        weight_decay=args.weight_decay,
-        warmup_steps=args.warmup_ratio,
-        eval_strategy="epoch",
-        save_strategy="epoch",
-        save_total_limit=2,
-        load_best_model_at_end=True,
-        metric_for_best_model=args.metric_for_best_model,
-        greater_is_better=args.metric_for_best_model != "loss",
-        logging_steps=max(1, min(50, steps_per_epoch // 5)),
-        report_to="none",
-        seed=args.seed,
-        dataloader_num_workers=0,
-        **common.precision_training_kwargs(precision),
-    )
-    log_callback, interrupt_callback = common.make_callbacks(output_dir)
-    callbacks = [log_callback, interrupt_callback]
-    if args.early_stopping_patience:
-        callbacks.append(EarlyStoppingCallback(early_stopping_patience=args.early_stopping_patience))
-    trainer_class = common.make_trainer_class(Trainer, length_grouping=not args.no_length_grouping,
-                                              fresh_parameters=fresh_parameters,
-                                              head_lr_multiplier=args.head_lr_multiplier)
-    trainer = trainer_class(
-        model=model, args=training_args, train_dataset=datasets["train"], eval_dataset=datasets["validation"],
-        data_collator=DataCollatorWithPadding(tokenizer), processing_class=tokenizer,
-        compute_metrics=compute_metrics, callbacks=callbacks)
+    trainer, interrupt = common.build_classifier_trainer(
+        args, model, fresh_parameters, tokenizer, datasets["train"], datasets["validation"],
+        DataCollatorWithPadding(tokenizer), compute_metrics, precision, output_dir)
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume)
-    runtime = time.perf_counter() - started
-    return trainer, result, runtime, log_callback, interrupt_callback.interrupted
+    return trainer, result, time.perf_counter() - started, interrupt.interrupted
 
 
 def evaluate(trainer, dataset: list[dict], label_names: list[str]) -> dict[str, Any]:
@@ -369,8 +340,9 @@ def report(metrics: dict[str, Any], output_dir: Path) -> None:
     print(f"model      {metrics['model']}")
     print(f"precision  {metrics['precision']}")
     print(common.describe_parameters(metrics["params"]))
-    print(f"training   {metrics['train']['runtime_s']:.1f} s, {metrics['train']['samples_per_s']:.1f} samples/s, "
-          f"peak memory {metrics['train']['peak_rss_mb']:.0f} MB")
+    train = metrics["train"]
+    print(f"training   {train['runtime_s']:.1f} s (of which evaluation {train['eval_time_s']:.1f} s), "
+          f"{train['samples_per_s']:.1f} samples/s, peak memory {train['peak_rss_mb']:.0f} MB")
     rows = []
     for split in ("validation", "test"):
         if split in metrics:
@@ -427,8 +399,8 @@ def run(args: argparse.Namespace, method: str = "full") -> dict[str, Any] | None
     common.save_run_config(output_dir, args, {"model": resolved.name, "model_path": resolved.path, "method": method,
                                               "precision": precision, "labels": label_names, "data": source,
                                               "lora_targets": lora_targets})
-    trainer, result, runtime, log, interrupted = train(args, model, fresh_parameters, tokenizer, datasets, label_names,
-                                                       precision, output_dir, resume)
+    trainer, result, runtime, interrupted = train(args, model, fresh_parameters, tokenizer, datasets, label_names,
+                                                  precision, output_dir, resume)
     if interrupted:
         print(f"\ntraining interrupted; checkpoint saved. Resume with:\n  {common.resume_command(output_dir)}",
               file=sys.stderr)
@@ -440,8 +412,10 @@ def run(args: argparse.Namespace, method: str = "full") -> dict[str, Any] | None
 
     # 5. Save the model (or adapter), metrics and logs; then report.
     save_outputs(trainer, tokenizer, output_dir, args.keep_checkpoints)
-    train_stats = {"runtime_s": round(runtime, 2),
-                   "samples_per_s": round(len(datasets["train"]) * args.epochs / runtime, 2),
+    records = common.read_jsonl(output_dir / common.TRAINING_LOG_FILE)
+    eval_time = sum(float(r.get("eval_runtime", 0)) for r in records)
+    train_stats = {"runtime_s": round(runtime, 2), "eval_time_s": round(eval_time, 2),
+                   "samples_per_s": round(len(datasets["train"]) * args.epochs / max(runtime - eval_time, 1e-6), 2),
                    "steps": result.global_step, "examples": len(datasets["train"]), "epochs": args.epochs,
                    "final_loss": round(result.training_loss, 4), "peak_rss_mb": common.peak_rss_mb(),
                    "wall_time_s": round(time.perf_counter() - started, 2)}
@@ -452,7 +426,6 @@ def run(args: argparse.Namespace, method: str = "full") -> dict[str, Any] | None
     metrics = common.build_metrics("text-classification", method, resolved.name, precision, params,
                                    train_stats, validation, test, extra)
     common.write_json(output_dir / common.METRICS_FILE, metrics)
-    records = common.read_jsonl(output_dir / common.TRAINING_LOG_FILE)
     title = "full fine-tuning" if method == "full" else f"LoRA r={args.lora_r}"
     common.plot_training_curves(records, "accuracy", output_dir / common.PLOT_FILE, f"{Path(resolved.name).name}: {title}")
     report(metrics, output_dir)

@@ -89,6 +89,7 @@ def run_corpus(name: str, args: argparse.Namespace, data_dir: Path) -> dict:
         "model": metrics["model"], "precision": metrics["precision"], "epochs": metrics["train"]["epochs"],
         "learning_rate": json.loads((output_dir / "run_config.json").read_text())["args"]["learning_rate"],
         "train_sentences": metrics["train"]["examples"], "train_runtime_s": metrics["train"]["runtime_s"],
+        "eval_time_s": metrics["train"].get("eval_time_s"),
         "sentences_per_s": metrics["train"]["sentences_per_s"], "wall_time_s": round(wall, 1),
         "dev_f1": metrics["validation"]["f1"], "dev_accuracy": metrics["validation"]["accuracy"],
         "test_f1": metrics["test"]["f1"], "test_accuracy": metrics["test"]["accuracy"],

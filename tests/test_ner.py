@@ -510,3 +510,8 @@ def test_tokenizer_without_a_fast_implementation(tmp_path):
 
 def test_predict_without_a_model(tmp_path):
     assert_clean_error(run_script(SCRIPT, "--output-dir", tmp_path, "--predict", "Paris"), "holds no trained model")
+
+
+def test_hub_dataset_when_the_hub_is_unreachable(tmp_path):
+    result = run_script(SCRIPT, "--dataset", "conll2003", "--output-dir", tmp_path / "out")
+    assert_clean_error(result, "--dataset conll2003")

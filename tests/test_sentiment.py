@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import DATA, assert_clean_error, requires_bundled_encoder, run_script, write_rows
+from conftest import assert_clean_error, requires_bundled_encoder, run_script, write_rows
 
 SCRIPT = "sentiment_finetuning.py"
 FAST = ("--epochs", "1", "--batch-size", "16", "--learning-rate", "1e-3", "--eval-batch-size", "64")
