@@ -442,6 +442,7 @@ def load_word_tokenizer(model: common.ResolvedModel | str, name: str | None = No
         raise UserError(f"the tokenizer of '{name}' ({type(tokenizer).__name__}) has no fast implementation; "
                         "token classification needs one to map sub-tokens back to words (word ids). "
                         "Choose a model with a tokenizer.json / fast tokenizer.")
+    tokenizer.padding_side = "right"  # sub-token positions are counted from the start of each window
     return tokenizer
 
 
@@ -772,7 +773,7 @@ def predict_entities(model, tokenizer, texts: Sequence[str], max_length: int, ba
     import torch
 
     label_names = [model.config.id2label[i] for i in range(len(model.config.id2label))]
-    if "O" not in label_names or not all(TAG_SHAPE.match(name) for name in label_names):
+    if "O" not in label_names or not all(name == "O" or re.match(r"^[BI]-\S+$", name) for name in label_names):
         raise UserError(f"the saved model's labels ({', '.join(label_names[:6])}) are not IOB2 tags; "
                         "was it trained by this script?")
     words = [split_words(text) for text in texts]
@@ -783,8 +784,8 @@ def predict_entities(model, tokenizer, texts: Sequence[str], max_length: int, ba
         for start in range(0, len(features), batch_size):
             batch = tokenizer.pad(features[start:start + batch_size], return_tensors="pt")
             output = model(**{k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")})
-            mask = batch["attention_mask"].sum(-1)
-            logits += [row[:length].float().numpy() for row, length in zip(output.logits, mask)]
+            mask = batch["attention_mask"].bool()
+            logits += [row[keep].float().numpy() for row, keep in zip(output.logits, mask)]
     tags, scores = decode(logits, windows, [len(words[i]) for i in present], label_names) if features else ([], [])
     results: list[list[dict[str, Any]]] = [[] for _ in texts]
     for i, sentence_tags, sentence_scores in zip(present, tags, scores):
