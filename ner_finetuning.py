@@ -679,7 +679,7 @@ def build_model(model: common.ResolvedModel, label_names: list[str]):
 
 def train(args, model, fresh_parameters, tokenizer, data: dict[str, Encoded], label_names, precision, output_dir: Path,
           resume: str | None):
-    from transformers import DataCollatorForTokenClassification, EarlyStoppingCallback, Trainer, TrainingArguments
+    from transformers import DataCollatorForTokenClassification
 
     validation = data["validation"]
 
@@ -688,42 +688,12 @@ def train(args, model, fresh_parameters, tokenizer, data: dict[str, Encoded], la
         metrics = ner_metrics(validation.gold, tags)
         return {key: metrics[key] for key in ("precision", "recall", "f1", "accuracy")}
 
-    steps_per_epoch = max(1, -(-len(data["train"].features) // args.batch_size))
-    training_args = TrainingArguments(
-        output_dir=str(output_dir / common.CHECKPOINT_SUBDIR),
-        num_train_epochs=args.epochs,
-        per_device_train_batch_size=args.batch_size,
-        per_device_eval_batch_size=args.eval_batch_size,
-        learning_rate=args.learning_rate,
-        weight_decay=args.weight_decay,
-        warmup_steps=args.warmup_ratio,
-        eval_strategy="epoch",
-        save_strategy="epoch",
-        save_total_limit=2,
-        load_best_model_at_end=True,
-        metric_for_best_model=args.metric_for_best_model,
-        greater_is_better=args.metric_for_best_model != "loss",
-        logging_steps=max(1, min(50, steps_per_epoch // 5)),
-        report_to="none",
-        seed=args.seed,
-        dataloader_num_workers=0,
-        **common.precision_training_kwargs(precision),
-    )
-    log_callback, interrupt_callback = common.make_callbacks(output_dir)
-    callbacks = [log_callback, interrupt_callback]
-    if args.early_stopping_patience:
-        callbacks.append(EarlyStoppingCallback(early_stopping_patience=args.early_stopping_patience))
-    trainer_class = common.make_trainer_class(Trainer, length_grouping=not args.no_length_grouping,
-                                              fresh_parameters=fresh_parameters,
-                                              head_lr_multiplier=args.head_lr_multiplier)
-    trainer = trainer_class(
-        model=model, args=training_args, train_dataset=data["train"].features, eval_dataset=validation.features,
-        data_collator=DataCollatorForTokenClassification(tokenizer), processing_class=tokenizer,
-        compute_metrics=compute_metrics, callbacks=callbacks)
+    trainer, interrupt = common.build_classifier_trainer(
+        args, model, fresh_parameters, tokenizer, data["train"].features, validation.features,
+        DataCollatorForTokenClassification(tokenizer), compute_metrics, precision, output_dir)
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume)
-    runtime = time.perf_counter() - started
-    return trainer, result, runtime, log_callback, interrupt_callback.interrupted
+    return trainer, result, time.perf_counter() - started, interrupt.interrupted
 
 
 def evaluate(trainer, encoded: Encoded, label_names: list[str]) -> dict[str, Any]:
@@ -919,8 +889,8 @@ def main() -> int:
     common.save_run_config(output_dir, args, {"model": resolved.name, "model_path": resolved.path,
                                               "precision": precision, "labels": label_names, "data": source,
                                               "scheme": scheme_info})
-    trainer, result, runtime, log, interrupted = train(args, model, fresh_parameters, tokenizer, data, label_names,
-                                                       precision, output_dir, resume)
+    trainer, result, runtime, interrupted = train(args, model, fresh_parameters, tokenizer, data, label_names,
+                                                  precision, output_dir, resume)
     if interrupted:
         print(f"\ntraining interrupted; checkpoint saved. Resume with:\n  {common.resume_command(output_dir)}",
               file=sys.stderr)
