@@ -681,6 +681,30 @@ def make_trainer_class(base, length_grouping: bool = True, fresh_parameters: Seq
     return ProjectTrainer
 
 
+def load_with_fresh_head(auto_class, model: ResolvedModel, label_names: list[str], task: str):
+    """Load a pretrained encoder with a task head for `label_names`; return it and the names of
+    the parameters the head added (missing from the checkpoint, or resized)."""
+    try:
+        loaded, info = auto_class.from_pretrained(
+            model.path, num_labels=len(label_names),
+            id2label=dict(enumerate(label_names)), label2id={name: i for i, name in enumerate(label_names)},
+            ignore_mismatched_sizes=True,  # a model fine-tuned before may have another label set
+            output_loading_info=True)
+    except (OSError, ValueError) as error:
+        raise UserError(f"could not load '{model.name}' for {task}: {first_line(error)}") from None
+    return loaded, list(info["missing_keys"]) + [key for key, *_ in info["mismatched_keys"]]
+
+
+def save_trained(trainer, tokenizer, output_dir: Path, keep_checkpoints: bool) -> None:
+    """Save the best model (or adapter) and the tokenizer atomically; drop the checkpoints."""
+    import shutil
+
+    save_atomically(output_dir, lambda staging: (trainer.save_model(str(staging)),
+                                                 tokenizer.save_pretrained(str(staging))))
+    if not keep_checkpoints:
+        shutil.rmtree(output_dir / CHECKPOINT_SUBDIR, ignore_errors=True)
+
+
 def build_classifier_trainer(args: argparse.Namespace, model, fresh_parameters: Sequence[str], tokenizer,
                              train_dataset, eval_dataset, data_collator, compute_metrics, precision: str,
                              output_dir: Path):

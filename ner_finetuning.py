@@ -24,7 +24,6 @@ import argparse
 import json
 import random
 import re
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -665,16 +664,7 @@ def encode_split(tokenizer, split: Split, label_names: list[str], args: argparse
 def build_model(model: common.ResolvedModel, label_names: list[str]):
     from transformers import AutoModelForTokenClassification
 
-    try:
-        loaded, info = AutoModelForTokenClassification.from_pretrained(
-            model.path, num_labels=len(label_names),
-            id2label=dict(enumerate(label_names)), label2id={name: i for i, name in enumerate(label_names)},
-            ignore_mismatched_sizes=True,  # a model fine-tuned before may have another tag set
-            output_loading_info=True)
-        fresh = list(info["missing_keys"]) + [key for key, *_ in info["mismatched_keys"]]
-        return loaded, fresh
-    except (OSError, ValueError) as error:
-        raise UserError(f"could not load '{model.name}' for token classification: {common.first_line(error)}") from None
+    return common.load_with_fresh_head(AutoModelForTokenClassification, model, label_names, "token classification")
 
 
 def train(args, model, fresh_parameters, tokenizer, data: dict[str, Encoded], label_names, precision, output_dir: Path,
@@ -801,20 +791,6 @@ def predict(args: argparse.Namespace) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def save_outputs(trainer, tokenizer, output_dir: Path, keep_checkpoints: bool) -> None:
-    """Save the best model and tokenizer; write to a temporary folder first so a crash never
-    leaves a half-written model over a previous one."""
-    staging = output_dir / ".saving"
-    shutil.rmtree(staging, ignore_errors=True)
-    trainer.save_model(str(staging))
-    tokenizer.save_pretrained(str(staging))
-    for file in staging.iterdir():
-        file.replace(output_dir / file.name)
-    staging.rmdir()
-    if not keep_checkpoints:
-        shutil.rmtree(output_dir / common.CHECKPOINT_SUBDIR, ignore_errors=True)
-
-
 def report(metrics: dict[str, Any], output_dir: Path) -> None:
     print()
     print(f"model      {metrics['model']}")
@@ -901,7 +877,7 @@ def main() -> int:
     test = evaluate(trainer, data["test"], label_names) if "test" in data else None
 
     # 5. Save the model, metrics and logs; then report.
-    save_outputs(trainer, tokenizer, output_dir, args.keep_checkpoints)
+    common.save_trained(trainer, tokenizer, output_dir, args.keep_checkpoints)
     records = common.read_jsonl(output_dir / common.TRAINING_LOG_FILE)
     eval_time = sum(float(r.get("eval_runtime", 0)) for r in records)
     train_time = max(runtime - eval_time, 1e-6)  # throughput counts training steps only

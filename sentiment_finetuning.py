@@ -13,7 +13,6 @@ Works offline: when the hub is unreachable the bundled MiniLM encoder is used (s
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import time
 from collections import Counter
@@ -229,16 +228,7 @@ def tokenize(tokenizer, examples: list[tuple[str, int]], max_length: int) -> tup
 def build_model(model: common.ResolvedModel, label_names: list[str]):
     from transformers import AutoModelForSequenceClassification
 
-    try:
-        loaded, info = AutoModelForSequenceClassification.from_pretrained(
-            model.path, num_labels=len(label_names),
-            id2label=dict(enumerate(label_names)), label2id={name: i for i, name in enumerate(label_names)},
-            ignore_mismatched_sizes=True,  # a model fine-tuned before may have another label count
-            output_loading_info=True)
-        fresh = list(info["missing_keys"]) + [key for key, *_ in info["mismatched_keys"]]
-        return loaded, fresh
-    except (OSError, ValueError) as error:
-        raise UserError(f"could not load '{model.name}' for sequence classification: {common.first_line(error)}") from None
+    return common.load_with_fresh_head(AutoModelForSequenceClassification, model, label_names, "sequence classification")
 
 
 def classification_metrics(logits, labels, label_names: list[str]) -> dict[str, Any]:
@@ -327,14 +317,6 @@ def predict(args: argparse.Namespace) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def save_outputs(trainer, tokenizer, output_dir: Path, keep_checkpoints: bool) -> None:
-    """Save the best model (or adapter) and the tokenizer, atomically; drop the checkpoints."""
-    common.save_atomically(output_dir, lambda staging: (trainer.save_model(str(staging)),
-                                                        tokenizer.save_pretrained(str(staging))))
-    if not keep_checkpoints:
-        shutil.rmtree(output_dir / common.CHECKPOINT_SUBDIR, ignore_errors=True)
-
-
 def report(metrics: dict[str, Any], output_dir: Path) -> None:
     print()
     print(f"model      {metrics['model']}")
@@ -411,7 +393,7 @@ def run(args: argparse.Namespace, method: str = "full") -> dict[str, Any] | None
     test = evaluate(trainer, datasets["test"], label_names) if "test" in datasets else None
 
     # 5. Save the model (or adapter), metrics and logs; then report.
-    save_outputs(trainer, tokenizer, output_dir, args.keep_checkpoints)
+    common.save_trained(trainer, tokenizer, output_dir, args.keep_checkpoints)
     records = common.read_jsonl(output_dir / common.TRAINING_LOG_FILE)
     eval_time = sum(float(r.get("eval_runtime", 0)) for r in records)
     train_stats = {"runtime_s": round(runtime, 2), "eval_time_s": round(eval_time, 2),
