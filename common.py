@@ -866,6 +866,17 @@ def plot_training_curves(records: Iterable[dict[str, Any]], metric: str, path: P
     plt.close(fig)
 
 
+def print_run_summary(metrics: dict[str, Any], rate_key: str, rate_unit: str) -> None:
+    """The header every encoder script prints after training: model, precision, parameters, time."""
+    train = metrics["train"]
+    print()
+    print(f"model      {metrics['model']}")
+    print(f"precision  {metrics['precision']}")
+    print(describe_parameters(metrics["params"]))
+    print(f"training   {train['runtime_s']:.1f} s (of which evaluation {train['eval_time_s']:.1f} s), "
+          f"{train[rate_key]:.1f} {rate_unit}/s, peak memory {train['peak_rss_mb']:.0f} MB")
+
+
 def format_table(rows: list[list[Any]], header: list[str]) -> str:
     """A plain fixed-width text table."""
     cells = [header] + [[f"{c:.4f}" if isinstance(c, float) else str(c) for c in row] for row in rows]

@@ -792,13 +792,7 @@ def predict(args: argparse.Namespace) -> None:
 
 
 def report(metrics: dict[str, Any], output_dir: Path) -> None:
-    print()
-    print(f"model      {metrics['model']}")
-    print(f"precision  {metrics['precision']}")
-    print(common.describe_parameters(metrics["params"]))
-    train = metrics["train"]
-    print(f"training   {train['runtime_s']:.1f} s (of which evaluation {train['eval_time_s']:.1f} s), "
-          f"{train['sentences_per_s']:.1f} sentences/s, peak memory {train['peak_rss_mb']:.0f} MB")
+    common.print_run_summary(metrics, "sentences_per_s", "sentences")
     print(f"scoring    {metrics['scheme']['scoring']} (tags found: "
           + ", ".join(f"{split} {scheme}" for split, scheme in metrics["scheme"]["detected"].items()) + ")")
     rows = []
