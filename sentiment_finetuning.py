@@ -265,9 +265,15 @@ def train(args, model, fresh_parameters, tokenizer, datasets: dict[str, list[dic
 
 
 def evaluate(trainer, dataset: list[dict], label_names: list[str]) -> dict[str, Any]:
+    import torch
+
     prediction = trainer.predict(dataset)
     metrics = classification_metrics(prediction.predictions, prediction.label_ids, label_names)
-    metrics["loss"] = float(prediction.metrics.get("test_loss", float("nan")))
+    # The mean loss over the examples, from the gathered logits: under torchrun the Trainer's
+    # test_loss averages per-batch losses, one of which includes the examples repeated to even out
+    # the last batch across processes.
+    metrics["loss"] = float(torch.nn.functional.cross_entropy(torch.as_tensor(prediction.predictions).float(),
+                                                              torch.as_tensor(prediction.label_ids).long()))
     metrics["examples"] = len(dataset)
     return metrics
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -71,7 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     common.add_lora_args(parser)
     common.add_precision_args(parser)
 
-    output = common.add_output_args(parser, "./gen")
+    output = common.add_output_args(parser, "./gen", save_total_limit=1)
     output.add_argument("--merge-adapter", action="store_true",
                         help=f"Also write the adapter merged into the base model to OUTPUT_DIR/{MERGED_SUBDIR} "
                              "(loads with AutoModelForCausalLM alone, no peft needed).")
@@ -368,6 +369,8 @@ def write_samples(path: Path, prompts: list[str], before: list[list[str]], after
 def train(args, model, tokenizer, blocks, precision: str, output_dir: Path, resume: str | None):
     from transformers import Trainer, TrainingArguments
 
+    # Checkpoints every epoch, or every --save-steps steps; with --max-steps alone, half-way and at the end.
+    save_steps = args.save_steps or (max(1, args.max_steps // 2) if args.max_steps else None)
     training_args = TrainingArguments(
         output_dir=str(output_dir / common.CHECKPOINT_SUBDIR),
         num_train_epochs=args.epochs,
@@ -378,9 +381,9 @@ def train(args, model, tokenizer, blocks, precision: str, output_dir: Path, resu
         weight_decay=args.weight_decay,
         warmup_steps=args.warmup_ratio,
         eval_strategy="no",
-        save_strategy="epoch" if not args.max_steps else "steps",
-        save_steps=max(1, (args.max_steps or 1) // 2),
-        save_total_limit=1,
+        save_strategy="steps" if save_steps else "epoch",
+        save_steps=save_steps or 500,  # 500: the Trainer's default, unused with per-epoch saving
+        save_total_limit=args.save_total_limit,
         logging_steps=max(1, min(25, len(blocks["train"]) // max(1, args.batch_size) // 5)),
         report_to="none",
         seed=args.seed,
@@ -390,6 +393,7 @@ def train(args, model, tokenizer, blocks, precision: str, output_dir: Path, resu
     trainer = Trainer(model=model, args=training_args, train_dataset=[{"input_ids": b} for b in blocks["train"]],
                       data_collator=lambda batch: collate_blocks(batch, tokenizer.pad_token_id),
                       callbacks=[log_callback, interrupt_callback])
+    print(common.describe_checkpoints(output_dir, save_steps, args.save_total_limit, args.keep_checkpoints))
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume)
     return trainer, result, time.perf_counter() - started, interrupt_callback.interrupted
@@ -453,7 +457,8 @@ def main() -> int:
     params = common.count_parameters(model)
     print(common.describe_parameters(params))
     if torch.cuda.is_available():
-        model.to("cuda")
+        # Under torchrun each process has its own GPU (LOCAL_RANK); the Trainer uses the same one.
+        model.to(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
 
     # 4. Perplexity and samples before training.
     pad_id = tokenizer.pad_token_id
@@ -486,13 +491,14 @@ def main() -> int:
         common.save_atomically(output_dir, lambda staging: (
             (staging / MERGED_SUBDIR).mkdir(), merged.save_pretrained(staging / MERGED_SUBDIR),
             tokenizer.save_pretrained(staging / MERGED_SUBDIR)))
-    if not args.keep_checkpoints:
+    if not args.keep_checkpoints and common.is_main_process():
         import shutil
 
         shutil.rmtree(output_dir / common.CHECKPOINT_SUBDIR, ignore_errors=True)
-    trained_tokens = result.global_step * args.batch_size * block_size
+    trained_blocks = result.global_step * args.batch_size * trainer.args.world_size  # every process trains a batch per step
+    trained_tokens = trained_blocks * block_size
     train_stats = {"runtime_s": round(runtime, 2), "steps": result.global_step,
-                   "samples_per_s": round(result.global_step * args.batch_size / runtime, 2),
+                   "samples_per_s": round(trained_blocks / runtime, 2),
                    "tokens_per_s": round(trained_tokens / runtime, 1), "blocks": len(blocks["train"]),
                    "block_size": block_size, "final_loss": round(result.training_loss, 4),
                    "peak_rss_mb": common.peak_rss_mb(), "wall_time_s": round(time.perf_counter() - started, 2)}

@@ -42,8 +42,13 @@ class Result:
 
 def run_script(script: str, *args: str, cwd: Path | None = None, timeout: int = 300) -> Result:
     """Run one of the project's scripts in a fresh process, offline."""
-    completed = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True,
-                               text=True, env=OFFLINE_ENV, cwd=cwd or ROOT, timeout=timeout)
+    return run_command([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd, timeout=timeout)
+
+
+def run_command(command: list, cwd: Path | None = None, timeout: int = 300) -> Result:
+    """Run any command (torchrun, accelerate launch...) with the same offline environment."""
+    completed = subprocess.run(list(map(str, command)), capture_output=True, text=True, env=OFFLINE_ENV,
+                               cwd=cwd or ROOT, timeout=timeout)
     return Result(completed.returncode, completed.stdout, completed.stderr)
 
 
