@@ -136,6 +136,13 @@ def fraction(text: str) -> float:
     return value
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad flag ends with one 'error:' line (not the whole usage block) and exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message}; see {self.prog} --help.\n")
+
+
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Show each flag's default (when it has a meaningful one) and keep the description's line breaks."""
 
@@ -308,6 +315,14 @@ def resolve_model(name: str, allow_fallback: bool = True, kind: str = "encoder")
             raise UserError(f"--model-name {name}: the directory has no config.json; "
                             "point it at a directory written by save_pretrained().")
         return ResolvedModel(path=str(local), name=str(local))
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        raise UserError(f"--model-name {name!r}: not a valid Hugging Face hub name (letters, digits, '-', '_' "
+                        "and '.', as in distilbert-base-uncased or org/name) and no such directory.") from None
     status = _hub_status(name)
     if status in ("cached", "available"):
         return ResolvedModel(path=name, name=name)
@@ -519,6 +534,13 @@ def load_hub_dataset(name: str, config: str | None):
                         "the hub may be unreachable: use --train-file with a local file.") from None
     except Exception as error:  # DatasetNotFoundError, bad config name and similar
         raise UserError(f"--dataset {name}: {first_line(error)}") from None
+
+
+def check_one_batch(count: int, batch_size: int, what: str, fix: str = "add data") -> None:
+    """Refuse training data smaller than one batch: a run of one short step per epoch is a mistake."""
+    if count < batch_size:
+        raise UserError(f"only {count} training {what}, fewer than one batch (--batch-size {batch_size}); "
+                        f"{fix} or lower --batch-size.")
 
 
 def seeded_subset(items: list, limit: int | None, seed: int) -> list:

@@ -54,7 +54,7 @@ WORD_PATTERN = re.compile(r"https?://\S+?(?=[.,;:!?)\]]*(?:\s|$))|[@#]\w+|(?:[^\
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
+    parser = common.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
     common.add_model_args(parser, DEFAULT_MODEL)
     data = common.add_data_args(parser)
     helps = {
@@ -824,6 +824,7 @@ def main() -> int:
         common.quiet_libraries()
     splits, source = load_splits(args)
     label_names = prepare_splits(args, splits)
+    common.check_one_batch(len(splits["train"].sentences), args.batch_size, "sentences")
     detected = {name: split.scheme for name, split in splits.items()}
     schemes = ", ".join(f"{name} {scheme}" for name, scheme in detected.items())
     sizes = ", ".join(f"{name} {len(split.sentences)}" for name, split in splits.items())

@@ -33,7 +33,7 @@ LABEL_COLUMNS = ("label", "labels", "sentiment", "class", "target", "category", 
 def build_parser(description: str = __doc__, learning_rate: float = 2e-5, fallback_learning_rate: float = 1e-4,
                  head_lr_multiplier: float = 30.0, output_dir: str = "./results") -> argparse.ArgumentParser:
     """The classification flags; lora_finetuning.py builds on the same parser."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=common.HelpFormatter)
+    parser = common.ArgumentParser(description=description, formatter_class=common.HelpFormatter)
     common.add_model_args(parser, DEFAULT_MODEL)
     common.add_data_args(parser)
     columns = parser.add_argument_group("columns")
@@ -138,7 +138,8 @@ def extract_examples(rows: list[dict], split: str, text_column: str, label_colum
     if dropped:
         print(f"note: {split} data: skipped {dropped} row(s) with empty text.")
     if not examples:
-        raise UserError(f"{split} data holds no usable examples.")
+        every = f": the text column '{text_column}' is empty in every row" if rows else ""
+        raise UserError(f"{split} data holds no usable examples{every}.")
     return examples
 
 
@@ -351,6 +352,10 @@ def run(args: argparse.Namespace, method: str = "full") -> dict[str, Any] | None
     # 1. Load and check the data.
     raw, source = load_splits(args)
     examples, label_names = prepare_examples(args, raw)
+    if len(examples["train"]) < len(label_names):
+        raise UserError(f"only {len(examples['train'])} training examples for {len(label_names)} classes: too few "
+                        "to learn every class; add data or pass --validation-file.")
+    common.check_one_batch(len(examples["train"]), args.batch_size, "examples")
     sizes = ", ".join(f"{split} {len(items)}" for split, items in examples.items())
     print(f"data: {source}: {sizes} examples; {len(label_names)} classes: {', '.join(label_names)}")
 

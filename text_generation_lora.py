@@ -36,7 +36,7 @@ MERGED_SUBDIR = "merged"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
+    parser = common.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
     common.add_model_args(parser, DEFAULT_MODEL)
     data = parser.add_argument_group("data")
     data.add_argument("--train-file", nargs="+", metavar="PATH",
@@ -184,8 +184,9 @@ def build_blocks(args, tokenizer, train_docs, validation_docs, block_size: int) 
         validation_ids = token_stream(tokenizer, validation_docs)
     train_blocks = cut_blocks(train_ids, block_size, keep_partial=False)
     if not train_blocks:
-        raise UserError(f"the training text has {len(train_ids)} tokens, fewer than one block of {block_size}; "
-                        "add text or lower --block-size.")
+        held_out = f" (after holding out --validation-split {args.validation_split})" if validation_docs is None else ""
+        raise UserError(f"the training text has {len(train_ids)} tokens{held_out}, fewer than one block of "
+                        f"{block_size}; add text or lower --block-size{' or --validation-split' if held_out else ''}.")
     validation_blocks = cut_blocks(validation_ids, block_size, keep_partial=True)
     if not validation_blocks:
         raise UserError("the validation text is too short to score (fewer than 2 tokens); add text or "
@@ -447,6 +448,8 @@ def main() -> int:
         raise UserError(f"--block-size {block_size} exceeds the model's context of {limit} tokens.")
     print(f"model: {resolved.name}  method: {method}  precision: {precision}  learning rate: {args.learning_rate:g}")
     blocks = build_blocks(args, tokenizer, train_docs, validation_docs, block_size)
+    common.check_one_batch(len(blocks["train"]), args.batch_size, f"blocks of {block_size} tokens",
+                           "add text, lower --block-size")
 
     # 3. LoRA adapters (or full fine-tuning).
     if args.full:
