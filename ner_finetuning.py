@@ -877,9 +877,12 @@ def main() -> int:
     eval_time = sum(float(r.get("eval_runtime", 0)) for r in records)
     train_time = max(runtime - eval_time, 1e-6)  # throughput counts training steps only
     sentences = len(data["train"].gold)
+    # Real (non-padding) tokens trained on: every window's length, once per epoch (benchmarks/run_all.py).
+    tokens = sum(len(feature["input_ids"]) for feature in data["train"].features) * args.epochs
     train_stats = {"runtime_s": round(runtime, 2), "eval_time_s": round(eval_time, 2),
                    "samples_per_s": round(len(data["train"].features) * args.epochs / train_time, 2),
                    "sentences_per_s": round(sentences * args.epochs / train_time, 2),
+                   "tokens": round(tokens), "tokens_per_s": round(tokens / train_time, 1),
                    "steps": result.global_step, "examples": sentences, "windows": len(data["train"].features),
                    "epochs": args.epochs, "final_loss": round(result.training_loss, 4),
                    "peak_rss_mb": common.peak_rss_mb(), "wall_time_s": round(time.perf_counter() - started, 2)}

@@ -401,8 +401,11 @@ def run(args: argparse.Namespace, method: str = "full") -> dict[str, Any] | None
     common.save_trained(trainer, tokenizer, output_dir, args.keep_checkpoints)
     records = common.read_jsonl(output_dir / common.TRAINING_LOG_FILE)
     eval_time = sum(float(r.get("eval_runtime", 0)) for r in records)
+    # Real (non-padding) tokens trained on: every input's length, once per epoch (benchmarks/run_all.py).
+    tokens = sum(len(row["input_ids"]) for row in datasets["train"]) * args.epochs
     train_stats = {"runtime_s": round(runtime, 2), "eval_time_s": round(eval_time, 2),
                    "samples_per_s": round(len(datasets["train"]) * args.epochs / max(runtime - eval_time, 1e-6), 2),
+                   "tokens": round(tokens), "tokens_per_s": round(tokens / max(runtime - eval_time, 1e-6), 1),
                    "steps": result.global_step, "examples": len(datasets["train"]), "epochs": args.epochs,
                    "final_loss": round(result.training_loss, 4), "peak_rss_mb": common.peak_rss_mb(),
                    "wall_time_s": round(time.perf_counter() - started, 2)}
