@@ -1037,8 +1037,11 @@ LORA_TARGETS = {
     "deberta": ["in_proj"], "deberta-v2": ["query_proj", "value_proj"],
     "gpt2": ["c_attn"], "gpt_neox": ["query_key_value"], "bloom": ["query_key_value"],
     "falcon": ["query_key_value"], "gptj": ["q_proj", "v_proj"], "opt": ["q_proj", "v_proj"],
-    "llama": ["q_proj", "k_proj", "v_proj", "o_proj"], "mistral": ["q_proj", "k_proj", "v_proj", "o_proj"],
-    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj"], "gemma": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    # Llama-style models: the query and value projections. On tiny-shakespeare with SmolLM2 they
+    # gave the same perplexity gain per minute as q,k,v,o or all seven projections with a third of
+    # the drift on unrelated text (README, "Expected results").
+    "llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"], "gemma": ["q_proj", "v_proj"],
     "phi": ["q_proj", "k_proj", "v_proj", "dense"], "t5": ["q", "v"],
 }
 
@@ -1052,7 +1055,7 @@ def add_lora_args(parser: argparse.ArgumentParser, dropout: float = 0.0) -> argp
     group.add_argument("--lora-target-modules", nargs="+", metavar="NAME",
                        help="Module names to adapt, or 'all-linear' (default: chosen per architecture, "
                             "e.g. q_lin v_lin for DistilBERT, query value for BERT, c_attn for GPT-2, "
-                            "q_proj k_proj v_proj o_proj for Llama).")
+                            "q_proj v_proj for Llama).")
     group.add_argument("--use-rslora", action="store_true", help="Rank-stabilised scaling (alpha / sqrt(r)).")
     group.add_argument("--use-dora", action="store_true", help="Weight-decomposed LoRA (DoRA).")
     return group
@@ -1106,6 +1109,18 @@ def fresh_modules(model, fresh_parameters: Sequence[str]) -> list[str]:
             if all(name in fresh for name in names if name.startswith(prefix)):
                 modules.add(prefix[:-1])
                 break
+    return sorted(modules)
+
+
+def lora_head_modules(model, fresh_parameters: Sequence[str]) -> list[str]:
+    """The modules LoRA trains and saves in full beside the adapters: those the task head added at
+    load time, plus a pretrained pooler that the head reads (BERT's [CLS] pooler was trained for
+    next-sentence prediction, or not at all; frozen, it limits what the classifier can learn)."""
+    modules = fresh_modules(model, fresh_parameters)
+    for name, module in model.named_modules():
+        covered = any(name == m or name.startswith(m + ".") for m in modules)
+        if name.rsplit(".", 1)[-1] == "pooler" and not covered and next(module.parameters(), None) is not None:
+            modules.append(name.rsplit(".", 1)[-1])
     return sorted(modules)
 
 

@@ -53,8 +53,10 @@ WORD_PATTERN = re.compile(r"https?://\S+?(?=[.,;:!?)\]]*(?:\s|$))|[@#]\w+|(?:[^\
                           r"|\w+(?:-\w+)*|['’](?:s|re|ve|ll|d|m|t)\b|[^\w\s]", re.IGNORECASE)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = common.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
+def build_parser(description: str = __doc__, learning_rate: float = 5e-5, fallback_learning_rate: float = 2e-4,
+                 output_dir: str = "./results/ner") -> argparse.ArgumentParser:
+    """The NER flags; lora_finetuning.py --task ner builds on the same parser."""
+    parser = common.ArgumentParser(description=description, formatter_class=common.HelpFormatter)
     common.add_model_args(parser, DEFAULT_MODEL)
     data = common.add_data_args(parser)
     helps = {
@@ -76,7 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     columns.add_argument("--label-list", metavar="NAMES",
                          help="Tag names for integer tag ids, in id order: comma-separated "
                               "(O,B-PER,I-PER,...) or a file with one name per line.")
-    training = common.add_training_args(parser, learning_rate=5e-5, fallback_learning_rate=2e-4)
+    training = common.add_training_args(parser, learning_rate=learning_rate, fallback_learning_rate=fallback_learning_rate)
     training.add_argument(
         "--label-all-tokens", action="store_true",
         help="Train on every sub-token of a word (continuations of a B- word are labelled I-) instead "
@@ -85,7 +87,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--metric-for-best-model", choices=("f1", "accuracy", "loss"), default="f1",
         help="Validation metric that picks the checkpoint kept at the end (f1: entity F1).")
     common.add_precision_args(parser)
-    output = common.add_output_args(parser, "./results/ner")
+    output = common.add_output_args(parser, output_dir)
     output.add_argument(
         "--keep-checkpoints", action="store_true",
         help="Keep the intermediate checkpoints (with optimizer state) after a successful run.")
@@ -94,14 +96,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          help="Print the entities found in this text (type, character span "
                               "[start, end), score, text) and exit (repeatable).")
     predict.add_argument("--predict-file", help="Tag every non-empty line of this text file and exit.")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
+    check_args(parser, args)
+    return args
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.max_length < 8:
         parser.error("--max-length must be at least 8")
     if args.dataset and args.train_file:
         parser.error("--dataset and --train-file are mutually exclusive")
     if not 0 <= args.warmup_ratio < 1:
         parser.error("--warmup-ratio must be in [0, 1)")
-    return args
 
 
 # --------------------------------------------------------------------------------------------
@@ -753,7 +764,7 @@ def predict_entities(model, tokenizer, texts: Sequence[str], max_length: int, ba
     return results
 
 
-def predict(args: argparse.Namespace) -> None:
+def read_predict_texts(args: argparse.Namespace) -> list[str]:
     texts = list(args.predict or [])
     if args.predict_file:
         file = common.check_input_file(args.predict_file, "--predict-file", (".txt", ".text"))
@@ -761,6 +772,21 @@ def predict(args: argparse.Namespace) -> None:
     texts = [text for text in texts if text.strip()]
     if not texts:
         raise UserError("nothing to tag: --predict was empty and --predict-file had no lines.")
+    return texts
+
+
+def print_entities(texts: Sequence[str], results: Sequence[Sequence[dict[str, Any]]]) -> None:
+    for text, entities in zip(texts, results):
+        print(text)
+        if not entities:
+            print("  (no entities)")
+        width = max((len(e["type"]) for e in entities), default=0)
+        for e in entities:
+            print(f"  {e['type']:<{width}}  {e['start']:>4}  {e['end']:>4}  {e['score']:.3f}  {e['text']}")
+
+
+def predict(args: argparse.Namespace) -> None:
+    texts = read_predict_texts(args)
     model_dir = Path(args.output_dir)
     if not (model_dir / "config.json").is_file():
         raise UserError(f"--output-dir {args.output_dir} holds no trained model; train one first "
@@ -776,14 +802,7 @@ def predict(args: argparse.Namespace) -> None:
         model = AutoModelForTokenClassification.from_pretrained(model_dir).eval()
     except (OSError, ValueError) as error:
         raise UserError(f"could not load the model in {model_dir}: {common.first_line(error)}") from None
-    results = predict_entities(model, tokenizer, texts, args.max_length, args.eval_batch_size)
-    for text, entities in zip(texts, results):
-        print(text)
-        if not entities:
-            print("  (no entities)")
-        width = max((len(e["type"]) for e in entities), default=0)
-        for e in entities:
-            print(f"  {e['type']:<{width}}  {e['start']:>4}  {e['end']:>4}  {e['score']:.3f}  {e['text']}")
+    print_entities(texts, predict_entities(model, tokenizer, texts, args.max_length, args.eval_batch_size))
 
 
 # --------------------------------------------------------------------------------------------
@@ -810,11 +829,9 @@ def report(metrics: dict[str, Any], output_dir: Path) -> None:
     print(f"\nsaved model, metrics.json, run_config.json, training log and plot to {output_dir}")
 
 
-def main() -> int:
-    args = parse_args()
-    if args.predict or args.predict_file:
-        predict(args)
-        return 0
+def run(args: argparse.Namespace, method: str = "full") -> dict[str, Any] | None:
+    """Train and evaluate; `method` is "full" or "lora" (lora_finetuning.py --task ner). Returns the
+    metrics, or None when training was interrupted (a checkpoint was saved)."""
     started = time.perf_counter()
     output_dir = common.prepare_output_dir(args.output_dir, args.overwrite_output_dir, bool(args.resume_from_checkpoint))
     resume = common.resolve_resume_checkpoint(args.resume_from_checkpoint, output_dir)
@@ -837,7 +854,7 @@ def main() -> int:
     precision = common.choose_precision(args.fp16, args.bf16, args.fp32)
     resolved = common.resolve_model(args.model_name, allow_fallback=not args.no_fallback)
     common.settle_learning_rate(args, resolved)
-    print(f"model: {resolved.name}  precision: {precision}  learning rate: {args.learning_rate:g}")
+    print(f"model: {resolved.name}  method: {method}  precision: {precision}  learning rate: {args.learning_rate:g}")
     tokenizer = load_word_tokenizer(resolved)
     data = {name: encode_split(tokenizer, split, label_names, args) for name, split in splits.items()}
     for name, encoded in data.items():
@@ -846,32 +863,37 @@ def main() -> int:
             print(f"note: {encoded.split_count} {name} sentence(s) longer than --max-length {args.max_length} "
                   f"tokens were split into {pieces} windows of whole words (no word is dropped).")
 
-    # 3. Build the model and train.
+    # 3. Build the model (with LoRA adapters when asked) and train.
     import transformers
 
     transformers.set_seed(args.seed)
     model, fresh_parameters = build_model(resolved, label_names)
     if args.freeze_embeddings:
         model.get_input_embeddings().weight.requires_grad_(False)
+    lora_targets = None
+    if method == "lora":
+        head_modules = common.lora_head_modules(model, fresh_parameters)
+        model, lora_targets = common.apply_lora(model, args, "TOKEN_CLS", head_modules)
     params = common.count_parameters(model)
+    print(common.describe_parameters(params))
     scheme_info = {"detected": detected, "converted_to": "IOB2", "scoring": SCORING,
                    "label_all_tokens": args.label_all_tokens, "max_length": args.max_length,
                    "split_sentences": {name: encoded.split_count for name, encoded in data.items()}}
-    common.save_run_config(output_dir, args, {"model": resolved.name, "model_path": resolved.path,
-                                              "precision": precision, "labels": label_names, "data": source,
-                                              "scheme": scheme_info})
+    common.save_run_config(output_dir, args, {"model": resolved.name, "model_path": resolved.path, "method": method,
+                                              "task": "ner", "precision": precision, "labels": label_names,
+                                              "data": source, "scheme": scheme_info, "lora_targets": lora_targets})
     trainer, result, runtime, interrupted = train(args, model, fresh_parameters, tokenizer, data, label_names,
                                                   precision, output_dir, resume)
     if interrupted:
         print(f"\ntraining interrupted; checkpoint saved. Resume with:\n  {common.resume_command(output_dir)}",
               file=sys.stderr)
-        return 130
+        return None
 
     # 4. Evaluate the best model on validation and test, per word.
     validation = evaluate(trainer, data["validation"], label_names)
     test = evaluate(trainer, data["test"], label_names) if "test" in data else None
 
-    # 5. Save the model, metrics and logs; then report.
+    # 5. Save the model (or adapter), metrics and logs; then report.
     common.save_trained(trainer, tokenizer, output_dir, args.keep_checkpoints)
     records = common.read_jsonl(output_dir / common.TRAINING_LOG_FILE)
     eval_time = sum(float(r.get("eval_runtime", 0)) for r in records)
@@ -886,13 +908,25 @@ def main() -> int:
                    "steps": result.global_step, "examples": sentences, "windows": len(data["train"].features),
                    "epochs": args.epochs, "final_loss": round(result.training_loss, 4),
                    "peak_rss_mb": common.peak_rss_mb(), "wall_time_s": round(time.perf_counter() - started, 2)}
-    metrics = common.build_metrics("token-classification", "full", resolved.name, precision, params,
-                                   train_stats, validation, test, {"labels": label_names, "scheme": scheme_info})
+    extra = {"labels": label_names, "scheme": scheme_info, "saved_size_mb": common.directory_size_mb(output_dir)}
+    if method == "lora":
+        extra["lora"] = {"r": args.lora_r, "alpha": args.lora_alpha, "dropout": args.lora_dropout,
+                         "target_modules": lora_targets, "modules_to_save": head_modules}
+    metrics = common.build_metrics("token-classification", method, resolved.name, precision, params,
+                                   train_stats, validation, test, extra)
     common.write_json(output_dir / common.METRICS_FILE, metrics)
-    common.plot_training_curves(records, "f1", output_dir / common.PLOT_FILE,
-                                f"{Path(resolved.name).name}: NER full fine-tuning")
+    title = "NER full fine-tuning" if method == "full" else f"NER LoRA r={args.lora_r}"
+    common.plot_training_curves(records, "f1", output_dir / common.PLOT_FILE, f"{Path(resolved.name).name}: {title}")
     report(metrics, output_dir)
-    return 0
+    return metrics
+
+
+def main() -> int:
+    args = parse_args()
+    if args.predict or args.predict_file:
+        predict(args)
+        return 0
+    return 0 if run(args) is not None else 130
 
 
 if __name__ == "__main__":

@@ -369,6 +369,9 @@ def run(args: argparse.Namespace, method: str = "full") -> dict[str, Any] | None
         datasets[split], truncated = tokenize(tokenizer, items, args.max_length)
         if truncated:
             print(f"note: {truncated} {split} example(s) were cut to --max-length {args.max_length} tokens.")
+        if split != "train":
+            # Evaluation batches of similar lengths carry little padding; the metrics do not depend on order.
+            datasets[split].sort(key=lambda row: len(row["input_ids"]))
 
     # 3. Build the model (with LoRA adapters when asked) and train.
     import transformers
@@ -379,13 +382,13 @@ def run(args: argparse.Namespace, method: str = "full") -> dict[str, Any] | None
         model.get_input_embeddings().weight.requires_grad_(False)
     lora_targets = None
     if method == "lora":
-        head_modules = common.fresh_modules(model, fresh_parameters)
+        head_modules = common.lora_head_modules(model, fresh_parameters)
         model, lora_targets = common.apply_lora(model, args, "SEQ_CLS", head_modules)
     params = common.count_parameters(model)
     print(common.describe_parameters(params))
     common.save_run_config(output_dir, args, {"model": resolved.name, "model_path": resolved.path, "method": method,
-                                              "precision": precision, "labels": label_names, "data": source,
-                                              "lora_targets": lora_targets})
+                                              "task": "classification", "precision": precision, "labels": label_names,
+                                              "data": source, "lora_targets": lora_targets})
     trainer, result, runtime, interrupted = train(args, model, fresh_parameters, tokenizer, datasets, label_names,
                                                   precision, output_dir, resume)
     if interrupted:

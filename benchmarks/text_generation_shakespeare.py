@@ -30,7 +30,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--text-file", default=str(DEFAULT_TEXT))
     parser.add_argument("--full", action="store_true", help="Full fine-tuning instead of LoRA.")
-    parser.add_argument("--max-eval-blocks", type=int, default=40, help="Validation blocks scored (each 256 tokens).")
+    parser.add_argument("--max-eval-blocks", type=int, default=None,
+                        help="Score only this many validation blocks (default: the whole validation text).")
     parser.add_argument("--tag", default=None)
     parser.add_argument("script_args", nargs="*", help="Extra flags for text_generation_lora.py (after --).")
     args = parser.parse_args()
@@ -46,7 +47,8 @@ def main() -> int:
     (work / "validation.txt").write_text(text[cut:])
     output_dir = RESULTS / ("shakespeare_full" if args.full else "shakespeare_lora")
     command = [sys.executable, str(ROOT / "text_generation_lora.py"), "--train-file", str(work / "train.txt"),
-               "--validation-file", str(work / "validation.txt"), "--max-eval-samples", str(args.max_eval_blocks),
+               "--validation-file", str(work / "validation.txt"),
+               *(["--max-eval-samples", str(args.max_eval_blocks)] if args.max_eval_blocks else []),
                "--epochs", "1", "--output-dir", str(output_dir), "--overwrite-output-dir",
                "--prompt", "ROMEO:", "--prompt", "First Citizen:", *(["--full"] if args.full else []), *args.script_args]
     print("running:", " ".join(command), flush=True)

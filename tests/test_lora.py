@@ -39,7 +39,7 @@ def make_adapter(model_dir: Path, output_dir: Path, seed: int):
     torch.manual_seed(seed)
     resolved = common.ResolvedModel(path=str(model_dir), name=str(model_dir))
     model, fresh = sentiment_finetuning.build_model(resolved, LABELS)
-    head = common.fresh_modules(model, fresh)
+    head = common.lora_head_modules(model, fresh)
     model, _ = common.apply_lora(model, lora_args(), "SEQ_CLS", head)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
@@ -86,16 +86,17 @@ def test_gpt2_default_target_is_c_attn(tiny_gpt2):
 # ---- the head is trained and saved with the adapter ---------------------------------------------
 
 
-@pytest.mark.parametrize("kind, head", [("distilbert", {"pre_classifier", "classifier"}), ("bert", {"classifier"}),
-                                        ("roberta", {"classifier"})])
+# BERT's pooler is pretrained, not fresh, but the classifier reads it: it is trained with the head.
+@pytest.mark.parametrize("kind, head", [("distilbert", {"pre_classifier", "classifier"}),
+                                        ("bert", {"classifier", "pooler"}), ("roberta", {"classifier"})])
 def test_fresh_head_modules_are_saved_and_reload_gives_the_same_predictions(encoders, kind, head, tmp_path):
     import lora_finetuning
 
     model, saved_head = make_adapter(encoders[kind], tmp_path, seed=1)
     assert set(saved_head) == head
     before = logits(model, encoders[kind])
-    reloaded, _, labels = lora_finetuning.load_adapters([tmp_path])
-    assert labels == LABELS
+    reloaded, _, record = lora_finetuning.load_adapters([tmp_path])
+    assert record["labels"] == LABELS
     assert (before - logits(reloaded, encoders[kind])).abs().max() < 1e-5
 
 
@@ -169,7 +170,10 @@ def test_compare_writes_the_report_from_both_runs(encoders, tmp_path):
     assert comparison["lora"]["trainable_params"] == lora["params"]["trainable"]
     assert comparison["lora"]["train_runtime_s"] == lora["train"]["runtime_s"]
     assert comparison["lora"]["test_accuracy"] == lora["test"]["accuracy"]
-    assert comparison["lora_time_ratio"] == pytest.approx(lora["train"]["runtime_s"] / full["train"]["runtime_s"], abs=1e-3)
+    steps = {name: run["train"]["runtime_s"] - run["train"]["eval_time_s"] for name, run in (("full", full), ("lora", lora))}
+    assert comparison["lora_time_ratio"] == pytest.approx(steps["lora"] / steps["full"], abs=1e-3)
+    assert comparison["lora_time_ratio_with_evaluation"] == pytest.approx(
+        lora["train"]["runtime_s"] / full["train"]["runtime_s"], abs=1e-3)
     report = (tmp_path / "comparison.md").read_text()
     for section in ("trainable parameters", "total parameters", "saved size", "training time", "samples/s",
                     "peak memory", "validation accuracy", "test accuracy", "loss_curves.png", "metric_vs_time.png"):
@@ -179,6 +183,94 @@ def test_compare_writes_the_report_from_both_runs(encoders, tmp_path):
     again = run_script(SCRIPT, "--compare-runs", tmp_path / "full", tmp_path / "lora", "--output-dir", tmp_path / "again")
     assert again.returncode == 0, again.stderr
     assert json.loads((tmp_path / "again" / "comparison.json").read_text())["full"] == comparison["full"]
+
+
+# ---- token classification (--task ner) -------------------------------------------------------------
+
+NER_LABELS = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
+NER_FAST = ("--epochs", "1", "--batch-size", "16", "--learning-rate", "5e-3", "--max-train-samples", "64",
+            "--max-eval-samples", "20")
+
+
+@pytest.mark.parametrize("kind", ["distilbert", "bert", "roberta"])
+def test_token_classification_adapter_reloads_with_its_head(encoders, kind, tmp_path):
+    import torch
+    from transformers import AutoTokenizer
+
+    import common
+    import lora_finetuning
+    import ner_finetuning
+
+    torch.manual_seed(4)
+    model, fresh = ner_finetuning.build_model(common.ResolvedModel(path=str(encoders[kind]), name=kind), NER_LABELS)
+    head = common.lora_head_modules(model, fresh)
+    assert head == ["classifier"]  # token classification has no pooler
+    model, _ = common.apply_lora(model, lora_args(), "TOKEN_CLS", head)
+    with torch.no_grad():
+        for parameter in (p for p in model.parameters() if p.requires_grad):
+            parameter.add_(torch.randn_like(parameter) * 0.5)
+    model.save_pretrained(tmp_path)
+    (tmp_path / "run_config.json").write_text(json.dumps({"model_path": str(encoders[kind]), "labels": NER_LABELS,
+                                                          "task": "ner"}))
+    inputs = AutoTokenizer.from_pretrained(encoders[kind])(["Ada Lovelace lived in London"], return_tensors="pt")
+    with torch.no_grad():
+        before = model.eval()(**inputs).logits
+        reloaded, _, record = lora_finetuning.load_adapters([tmp_path])
+        after = reloaded(**inputs).logits
+    assert record["task"] == "ner" and after.shape[-1] == len(NER_LABELS)
+    assert (before - after).abs().max() < 1e-5
+
+
+def test_ner_lora_run_predict_and_merge(encoders, tmp_path):
+    from transformers import AutoModelForTokenClassification
+
+    result = run_script(SCRIPT, "--task", "ner", "--model-name", encoders["bert"], "--output-dir", tmp_path, *NER_FAST,
+                        "--merge-adapter")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["task"] == "token-classification" and metrics["method"] == "lora"
+    assert metrics["lora"]["target_modules"] == ["query", "value"]
+    assert metrics["lora"]["modules_to_save"] == ["classifier"]
+    assert 0 <= metrics["test"]["f1"] <= 1 and "per_type" in metrics["test"]
+    assert (tmp_path / "adapter_model.safetensors").is_file() and not (tmp_path / "model.safetensors").exists()
+    assert metrics["saved_size_mb"] < 0.5 * sum(f.stat().st_size for f in (tmp_path / "merged").glob("*.safetensors")) / 2**20
+
+    merged = AutoModelForTokenClassification.from_pretrained(tmp_path / "merged")
+    assert set(merged.config.id2label.values()) == set(metrics["labels"])
+    # The adapter knows its task: no --task needed to predict with it.
+    adapter_run = run_script(SCRIPT, "--output-dir", tmp_path, "--predict", "Maria Costa flew to Lisbon.")
+    merged_run = run_script("ner_finetuning.py", "--output-dir", tmp_path / "merged", "--predict",
+                            "Maria Costa flew to Lisbon.")
+    assert adapter_run.returncode == 0 and merged_run.returncode == 0, adapter_run.stderr + merged_run.stderr
+    entity_lines = lambda out: [line for line in out.splitlines() if line.startswith("  ")]  # noqa: E731
+    assert entity_lines(adapter_run.stdout) == entity_lines(merged_run.stdout)
+    assert "Maria Costa flew to Lisbon." in adapter_run.stdout
+
+
+def test_ner_compare_reports_entity_f1(encoders, tmp_path):
+    result = run_script(SCRIPT, "--task", "ner", "--compare", "--model-name", encoders["bert"], "--output-dir", tmp_path,
+                        *NER_FAST)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    full = json.loads((tmp_path / "full" / "metrics.json").read_text())
+    lora = json.loads((tmp_path / "lora" / "metrics.json").read_text())
+    assert full["task"] == lora["task"] == "token-classification"
+    assert full["train"]["examples"] == lora["train"]["examples"] == 64
+    comparison = json.loads((tmp_path / "comparison.json").read_text())
+    assert comparison["metric"] == "f1"
+    assert comparison["metric_difference_points"] == pytest.approx(100 * (lora["test"]["f1"] - full["test"]["f1"]), abs=0.01)
+    assert comparison["lora"]["test_f1"] == lora["test"]["f1"]
+    report = (tmp_path / "comparison.md").read_text()
+    for section in ("validation entity F1", "test entity F1", "test token accuracy", "Test entity F1: LoRA"):
+        assert section in report, section
+
+
+def test_compare_runs_of_different_tasks(encoders, tmp_path):
+    for directory, task in (("a", "text-classification"), ("b", "token-classification")):
+        (tmp_path / directory).mkdir()
+        method = "full" if directory == "a" else "lora"
+        (tmp_path / directory / "metrics.json").write_text(json.dumps({"task": task, "method": method}))
+    result = run_script(SCRIPT, "--compare-runs", tmp_path / "a", tmp_path / "b", "--output-dir", tmp_path / "out")
+    assert_clean_error(result, "cannot compare a 'text-classification' run with a 'token-classification' run")
 
 
 # ---- bad input -------------------------------------------------------------------------------------------

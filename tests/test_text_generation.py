@@ -106,6 +106,91 @@ def test_metrics_hold_perplexity_before_and_after(trained):
     assert "perplexity" in result.stdout and "reduction" in result.stdout
 
 
+# ---- the chunked training loss ------------------------------------------------------------------
+
+
+def tiny_llama(vocab_size: int):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                        tie_word_embeddings=True))
+
+
+@pytest.mark.parametrize("architecture", ["gpt2", "llama"])
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_chunked_loss_equals_the_models_loss_and_gradients(tiny_gpt2, architecture, method, monkeypatch):
+    import argparse
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import common
+    import text_generation_lora as script
+
+    monkeypatch.setattr(script, "LOSS_CHUNK_ROWS", 7)  # several chunks, the last one partial
+    model = AutoModelForCausalLM.from_pretrained(tiny_gpt2) if architecture == "gpt2" else tiny_llama(400)
+    if method == "lora":
+        lora = argparse.Namespace(lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_target_modules=None,
+                                  use_rslora=False, use_dora=False)
+        model, _ = common.apply_lora(model, lora, "CAUSAL_LM")
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(parameter, std=0.1)
+    torch.manual_seed(1)
+    batch = script.collate_blocks([torch.randint(0, 400, (n,)).tolist() for n in (20, 13, 17)], pad_id=0)
+
+    def loss_and_gradients(chunked: bool):
+        model.zero_grad(set_to_none=True)
+        if chunked:
+            decoder, head = script.chunked_loss_parts(model)
+            hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+            shifted = torch.nn.functional.pad(batch["labels"][:, 1:], (0, 1), value=-100)
+            total = script.chunked_cross_entropy().apply(hidden.flatten(0, 1), head.weight, shifted.flatten(),
+                                                         torch.float32)
+            loss = total / (shifted != -100).sum()
+        else:
+            loss = model(**batch).loss
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    expected_loss, expected = loss_and_gradients(chunked=False)
+    loss, gradients = loss_and_gradients(chunked=True)
+    assert loss == pytest.approx(expected_loss, rel=1e-5)
+    assert gradients.keys() == expected.keys() and len(gradients) > 0
+    if method == "full":
+        assert any("wte" in name or "embed_tokens" in name for name in gradients)  # the tied output layer learns
+    for name in expected:
+        assert torch.allclose(gradients[name], expected[name], rtol=1e-4, atol=1e-6), name
+
+
+def test_chunked_loss_is_not_used_where_it_would_change_the_loss(tiny_gpt2):
+    from transformers import AutoModelForCausalLM
+
+    import text_generation_lora as script
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_gpt2)
+    assert script.chunked_loss_parts(model) is not None
+    model.config.model_type = "gemma2"  # soft-capped logits: not in the list
+    assert script.chunked_loss_parts(model) is None
+
+
+def test_training_with_and_without_chunked_loss_gives_the_same_run(tiny_gpt2, tmp_path):
+    losses = {}
+    for flag in ("", "--no-chunked-loss"):
+        output_dir = tmp_path / (flag or "chunked")
+        result = run_script(SCRIPT, "--model-name", tiny_gpt2, "--output-dir", output_dir, "--block-size", "64",
+                            "--max-steps", "3", "--batch-size", "4", "--max-new-tokens", "4", "--fp32",
+                            *([flag] if flag else []))
+        assert result.returncode == 0, result.stderr
+        losses[flag] = json.loads((output_dir / "metrics.json").read_text())
+        assert losses[flag]["train"]["chunked_loss"] is (flag == "")
+    assert losses[""]["train"]["final_loss"] == pytest.approx(losses["--no-chunked-loss"]["train"]["final_loss"], rel=1e-4)
+    assert losses[""]["perplexity"] == pytest.approx(losses["--no-chunked-loss"]["perplexity"], rel=1e-4)
+
+
 # ---- saving: adapter, reload, merge ----------------------------------------------------------------
 
 
