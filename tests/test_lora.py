@@ -302,3 +302,43 @@ def test_target_modules_that_match_nothing_list_the_modules(encoders, tmp_path):
     result = run_script(SCRIPT, "--model-name", encoders["bert"], "--output-dir", tmp_path, *FAST,
                         "--lora-target-modules", "q_proj")
     assert_clean_error(result, "no such linear module", "query", "value")
+
+
+# ---- interruption -------------------------------------------------------------------------------------
+
+
+def test_interrupted_lora_run_resumes_to_the_same_result(encoders, tmp_path):
+    """SIGTERM mid-run leaves a complete adapter checkpoint; resuming reaches the uninterrupted run's metrics."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import OFFLINE_ENV, ROOT
+
+    flags = ["--model-name", str(encoders["bert"]), "--epochs", "3", "--batch-size", "8", "--learning-rate", "5e-3",
+             "--max-train-samples", "96", "--max-eval-samples", "40", "--save-steps", "4"]
+    reference = run_script(SCRIPT, *flags, "--output-dir", tmp_path / "reference")
+    assert reference.returncode == 0, reference.stderr
+    expected = json.loads((tmp_path / "reference" / "metrics.json").read_text())
+
+    output_dir = tmp_path / "interrupted"
+    process = subprocess.Popen([sys.executable, str(ROOT / SCRIPT), *flags, "--output-dir", str(output_dir)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=OFFLINE_ENV)
+    log = output_dir / "training_log.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and process.poll() is None and "eval_accuracy" not in (log.read_text() if log.exists() else ""):
+        time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=240)
+    assert process.returncode == 130, stderr
+    checkpoints = list((output_dir / "checkpoints").glob("checkpoint-*"))
+    assert checkpoints and all((c / "adapter_model.safetensors").is_file() for c in checkpoints)
+    assert not (output_dir / "metrics.json").exists()
+
+    resumed = run_script(SCRIPT, *flags, "--output-dir", output_dir, "--resume-from-checkpoint", "auto")
+    assert resumed.returncode == 0, resumed.stderr
+    metrics = json.loads((output_dir / "metrics.json").read_text())
+    assert metrics["train"]["steps"] == expected["train"]["steps"]
+    assert metrics["test"]["accuracy"] == expected["test"]["accuracy"]
+    assert metrics["validation"]["loss"] == pytest.approx(expected["validation"]["loss"], rel=1e-4)
