@@ -150,34 +150,38 @@ def predict_with_adapters(args: argparse.Namespace) -> None:
     from transformers import AutoTokenizer
 
     adapter_dirs = [Path(d) for d in (args.adapter or [args.output_dir])]
-    for directory in adapter_dirs:
-        adapter_record(directory)  # a clear error for a missing or full-model directory, before loading
     task = adapter_record(adapter_dirs[0])["task"]
     texts = TASKS[task].read_predict_texts(args)
     started = time.perf_counter()
     model, names, record = load_adapters(adapter_dirs)
     if task == "ner":
         tokenizer = ner.load_word_tokenizer(str(adapter_dirs[0]))
+
+        def predict():
+            return ner.predict_entities(model, tokenizer, texts, args.max_length, args.eval_batch_size)
+
+        def show(entities) -> None:
+            ner.print_entities(texts, entities)
     else:
         tokenizer = AutoTokenizer.from_pretrained(adapter_dirs[0])
         inputs = tokenizer(texts, truncation=True, max_length=args.max_length, padding=True, return_tensors="pt")
+
+        def predict():
+            with torch.inference_mode():
+                return model(**inputs).logits.float().softmax(-1)
+
+        def show(probabilities) -> None:
+            for text, row in zip(texts, probabilities):
+                score, index = row.max(-1)
+                print(f"{record['labels'][int(index)]}  {float(score):.3f}  {text}")
     print(f"loaded the base model and {len(names)} adapter(s) in {time.perf_counter() - started:.1f} s")
     for name, directory in zip(names, adapter_dirs):
         switch = time.perf_counter()
         model.set_adapter(name)
-        if task == "ner":
-            results = ner.predict_entities(model, tokenizer, texts, args.max_length, args.eval_batch_size)
-        else:
-            with torch.inference_mode():
-                probabilities = model(**inputs).logits.float().softmax(-1)
+        predictions = predict()
         if len(names) > 1:
             print(f"\nadapter {directory} (switched in {1000 * (time.perf_counter() - switch):.0f} ms, base not reloaded)")
-        if task == "ner":
-            ner.print_entities(texts, results)
-            continue
-        for text, row in zip(texts, probabilities):
-            score, index = row.max(-1)
-            print(f"{record['labels'][int(index)]}  {float(score):.3f}  {text}")
+        show(predictions)
 
 
 def merge_adapter(adapter_dir: Path) -> Path:
