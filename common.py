@@ -1112,6 +1112,21 @@ def fresh_modules(model, fresh_parameters: Sequence[str]) -> list[str]:
     return sorted(modules)
 
 
+def prepare_encoder_for_method(model, fresh_parameters: Sequence[str], args: argparse.Namespace, method: str,
+                               task_type: str) -> tuple[Any, dict[str, Any] | None]:
+    """Freeze the word embeddings when asked and, for method "lora", wrap the model in LoRA with the
+    task head trained in full. Returns the model and the LoRA record for metrics.json (None for
+    full fine-tuning)."""
+    if args.freeze_embeddings:
+        model.get_input_embeddings().weight.requires_grad_(False)
+    if method != "lora":
+        return model, None
+    head_modules = lora_head_modules(model, fresh_parameters)
+    model, targets = apply_lora(model, args, task_type, head_modules)
+    return model, {"r": args.lora_r, "alpha": args.lora_alpha, "dropout": args.lora_dropout,
+                   "target_modules": targets, "modules_to_save": head_modules}
+
+
 def lora_head_modules(model, fresh_parameters: Sequence[str]) -> list[str]:
     """The modules LoRA trains and saves in full beside the adapters: those the task head added at
     load time, plus a pretrained pooler that the head reads (BERT's [CLS] pooler was trained for

@@ -868,12 +868,7 @@ def run(args: argparse.Namespace, method: str = "full") -> dict[str, Any] | None
 
     transformers.set_seed(args.seed)
     model, fresh_parameters = build_model(resolved, label_names)
-    if args.freeze_embeddings:
-        model.get_input_embeddings().weight.requires_grad_(False)
-    lora_targets = None
-    if method == "lora":
-        head_modules = common.lora_head_modules(model, fresh_parameters)
-        model, lora_targets = common.apply_lora(model, args, "TOKEN_CLS", head_modules)
+    model, lora = common.prepare_encoder_for_method(model, fresh_parameters, args, method, "TOKEN_CLS")
     params = common.count_parameters(model)
     print(common.describe_parameters(params))
     scheme_info = {"detected": detected, "converted_to": "IOB2", "scoring": SCORING,
@@ -881,7 +876,7 @@ def run(args: argparse.Namespace, method: str = "full") -> dict[str, Any] | None
                    "split_sentences": {name: encoded.split_count for name, encoded in data.items()}}
     common.save_run_config(output_dir, args, {"model": resolved.name, "model_path": resolved.path, "method": method,
                                               "task": "ner", "precision": precision, "labels": label_names,
-                                              "data": source, "scheme": scheme_info, "lora_targets": lora_targets})
+                                              "data": source, "scheme": scheme_info, "lora_targets": lora and lora["target_modules"]})
     trainer, result, runtime, interrupted = train(args, model, fresh_parameters, tokenizer, data, label_names,
                                                   precision, output_dir, resume)
     if interrupted:
@@ -909,9 +904,8 @@ def run(args: argparse.Namespace, method: str = "full") -> dict[str, Any] | None
                    "epochs": args.epochs, "final_loss": round(result.training_loss, 4),
                    "peak_rss_mb": common.peak_rss_mb(), "wall_time_s": round(time.perf_counter() - started, 2)}
     extra = {"labels": label_names, "scheme": scheme_info, "saved_size_mb": common.directory_size_mb(output_dir)}
-    if method == "lora":
-        extra["lora"] = {"r": args.lora_r, "alpha": args.lora_alpha, "dropout": args.lora_dropout,
-                         "target_modules": lora_targets, "modules_to_save": head_modules}
+    if lora:
+        extra["lora"] = lora
     metrics = common.build_metrics("token-classification", method, resolved.name, precision, params,
                                    train_stats, validation, test, extra)
     common.write_json(output_dir / common.METRICS_FILE, metrics)

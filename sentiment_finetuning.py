@@ -378,17 +378,12 @@ def run(args: argparse.Namespace, method: str = "full") -> dict[str, Any] | None
 
     transformers.set_seed(args.seed)
     model, fresh_parameters = build_model(resolved, label_names)
-    if args.freeze_embeddings:
-        model.get_input_embeddings().weight.requires_grad_(False)
-    lora_targets = None
-    if method == "lora":
-        head_modules = common.lora_head_modules(model, fresh_parameters)
-        model, lora_targets = common.apply_lora(model, args, "SEQ_CLS", head_modules)
+    model, lora = common.prepare_encoder_for_method(model, fresh_parameters, args, method, "SEQ_CLS")
     params = common.count_parameters(model)
     print(common.describe_parameters(params))
     common.save_run_config(output_dir, args, {"model": resolved.name, "model_path": resolved.path, "method": method,
                                               "task": "classification", "precision": precision, "labels": label_names,
-                                              "data": source, "lora_targets": lora_targets})
+                                              "data": source, "lora_targets": lora and lora["target_modules"]})
     trainer, result, runtime, interrupted = train(args, model, fresh_parameters, tokenizer, datasets, label_names,
                                                   precision, output_dir, resume)
     if interrupted:
@@ -413,9 +408,8 @@ def run(args: argparse.Namespace, method: str = "full") -> dict[str, Any] | None
                    "final_loss": round(result.training_loss, 4), "peak_rss_mb": common.peak_rss_mb(),
                    "wall_time_s": round(time.perf_counter() - started, 2)}
     extra = {"labels": label_names, "saved_size_mb": common.directory_size_mb(output_dir)}
-    if method == "lora":
-        extra["lora"] = {"r": args.lora_r, "alpha": args.lora_alpha, "dropout": args.lora_dropout,
-                         "target_modules": lora_targets, "modules_to_save": head_modules}
+    if lora:
+        extra["lora"] = lora
     metrics = common.build_metrics("text-classification", method, resolved.name, precision, params,
                                    train_stats, validation, test, extra)
     common.write_json(output_dir / common.METRICS_FILE, metrics)
