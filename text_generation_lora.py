@@ -73,6 +73,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     training.add_argument("--no-chunked-loss", action="store_true",
                           help="Compute the training loss from the model's full logits (the library's path) instead "
                                "of chunk by chunk from the hidden states (same loss, faster, less memory).")
+    training.add_argument("--no-fast-attention", action="store_true",
+                          help="Train with the library's SDPA attention (the default on a CPU computes short "
+                               "blocks' attention with plain matrix products: same result, faster).")
     common.add_lora_args(parser)
     common.add_precision_args(parser)
 
@@ -402,13 +405,12 @@ def chunked_cross_entropy():
                     targets = labels[start:start + LOSS_CHUNK_ROWS]
                     valid = targets != -100
                     safe_targets = targets.clamp(min=0)
-                    logits = (h @ w.T).float()
-                    log_norm = torch.logsumexp(logits, dim=-1)
-                    target_logits = logits.gather(1, safe_targets[:, None]).squeeze(1)
-                    total += ((log_norm - target_logits) * valid).sum()
-                    probabilities = logits.sub_(log_norm[:, None]).exp_()  # d(loss)/d(logits) = softmax - one-hot
+                    log_probabilities = torch.log_softmax((h @ w.T).float(), dim=-1)
+                    total -= (log_probabilities.gather(1, safe_targets[:, None]).squeeze(1) * valid).sum()
+                    probabilities = log_probabilities.exp_()  # d(loss)/d(logits) = softmax - one-hot
                     probabilities[torch.arange(len(targets), device=h.device), safe_targets] -= 1
-                    probabilities *= valid[:, None]
+                    if not bool(valid.all()):
+                        probabilities[~valid] = 0
                     grad_logits = probabilities.to(compute_dtype)
                     grad_hidden[start:start + LOSS_CHUNK_ROWS] = grad_logits @ w
                     if grad_weight is not None:
@@ -555,6 +557,7 @@ def main() -> int:
                            "add text, lower --block-size")
 
     # 3. LoRA adapters (or full fine-tuning).
+    fast_attention = not args.no_fast_attention and not torch.cuda.is_available() and common.use_fast_attention(model)
     if args.full:
         targets = None
     else:
@@ -583,6 +586,7 @@ def main() -> int:
         return 130
 
     # 5. Perplexity and samples after training.
+    common.restore_attention(model)
     after = perplexity(model, blocks["validation"], args.eval_batch_size, pad_id, precision)
     samples_after = generate(model, tokenizer, prompts, args)
 
@@ -607,7 +611,7 @@ def main() -> int:
                    "samples_per_s": round(trained_blocks / runtime, 2),
                    "tokens_per_s": round(trained_tokens / runtime, 1), "blocks": len(blocks["train"]),
                    "block_size": block_size, "final_loss": round(result.training_loss, 4),
-                   "chunked_loss": trainer.used_chunked_loss,
+                   "chunked_loss": trainer.used_chunked_loss, "fast_attention": fast_attention,
                    "peak_rss_mb": common.peak_rss_mb(), "wall_time_s": round(time.perf_counter() - started, 2)}
     metrics = common.build_metrics(
         "text-generation", method, resolved.name, precision, params, train_stats,
