@@ -162,7 +162,25 @@ def add_model_args(parser: argparse.ArgumentParser, default_model: str) -> argpa
                             "offline model is used instead (see --no-fallback).")
     group.add_argument("--no-fallback", action="store_true",
                        help="Fail instead of falling back to the bundled offline model.")
+    group.add_argument("--trust-remote-code", action="store_true",
+                       help="Allow models whose repository ships its own Python code, and run that code "
+                            "when loading (off by default: only for sources you trust).")
     return group
+
+
+# Whether from_pretrained() may run code shipped with a model (--trust-remote-code). Passed
+# explicitly, False included: left unset, transformers asks on the terminal and waits.
+_TRUST_REMOTE_CODE = False
+
+
+def set_trust_remote_code(allowed: bool) -> None:
+    global _TRUST_REMOTE_CODE
+    _TRUST_REMOTE_CODE = bool(allowed)
+
+
+def pretrained_kwargs() -> dict[str, Any]:
+    """Keyword arguments for every from_pretrained() call of the scripts."""
+    return {"trust_remote_code": _TRUST_REMOTE_CODE}
 
 
 def add_data_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
@@ -364,8 +382,8 @@ def load_tokenizer(model: ResolvedModel):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(model.path, gguf_file=model.gguf_file)
-    except OSError as error:
+        return AutoTokenizer.from_pretrained(model.path, gguf_file=model.gguf_file, **pretrained_kwargs())
+    except (OSError, ValueError) as error:
         raise UserError(f"could not load the tokenizer of '{model.name}': {first_line(error)}") from None
 
 
@@ -423,6 +441,9 @@ TABLE_EXTENSIONS = (".csv", ".tsv", ".json", ".jsonl")
 
 
 def first_line(error: BaseException) -> str:
+    if "trust_remote_code" in str(error):
+        return ("the model ships its own Python code, which runs when it loads; pass --trust-remote-code "
+                "if you trust its source")
     text = str(error).strip().splitlines()
     return text[0] if text else type(error).__name__
 
@@ -858,6 +879,35 @@ def make_trainer_class(base, length_grouping: bool = True, fresh_parameters: Seq
     fresh = set(fresh_parameters)
 
     class ProjectTrainer(base):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            # The predictions of the evaluations during training, by step (the latest and the best
+            # so far are kept): after training, the best checkpoint's validation predictions are
+            # looked up instead of computed a second time.
+            self.validation_predictions: dict[int, Any] = {}
+            if self.compute_metrics is not None:
+                self.compute_metrics = self._remembering(self.compute_metrics)
+
+        def _remembering(self, compute_metrics):
+            def remember_and_compute(prediction):
+                best = self.state.best_global_step
+                self.validation_predictions = {step: kept for step, kept in self.validation_predictions.items()
+                                               if step == best}
+                self.validation_predictions[self.state.global_step] = prediction
+                return compute_metrics(prediction)
+            return remember_and_compute
+
+        def best_validation_prediction(self):
+            """The loaded best checkpoint's validation predictions (an EvalPrediction) and loss, from
+            its evaluation during training; None when that evaluation happened in an earlier
+            process (a resumed run) or no best checkpoint was loaded."""
+            step = self.state.best_global_step
+            if not self.args.load_best_model_at_end or step not in self.validation_predictions:
+                return None
+            losses = [record["eval_loss"] for record in self.state.log_history
+                      if record.get("step") == step and "eval_loss" in record]
+            return self.validation_predictions[step], (losses[-1] if losses else float("nan"))
+
         def _get_train_sampler(self, train_dataset=None):
             if not length_grouping:
                 return super()._get_train_sampler(train_dataset)
@@ -896,7 +946,7 @@ def load_with_fresh_head(auto_class, model: ResolvedModel, label_names: list[str
             model.path, num_labels=len(label_names),
             id2label=dict(enumerate(label_names)), label2id={name: i for i, name in enumerate(label_names)},
             ignore_mismatched_sizes=True,  # a model fine-tuned before may have another label set
-            output_loading_info=True)
+            output_loading_info=True, **pretrained_kwargs())
     except (OSError, ValueError) as error:
         raise UserError(f"could not load '{model.name}' for {task}: {first_line(error)}") from None
     return loaded, list(info["missing_keys"]) + [key for key, *_ in info["mismatched_keys"]]
@@ -1071,7 +1121,14 @@ def resume_command(output_dir: Path) -> str:
         index = argv.index("--resume-from-checkpoint")
         del argv[index:index + 2]
     argv = [a for a in argv if not a.startswith("--resume-from-checkpoint=")]
-    return " ".join(["python", *map(shell_quote, argv), "--resume-from-checkpoint",
+    # A distributed run resumes with as many processes (the data order and the per-process batches
+    # depend on it); torchrun and accelerate launch both set these variables.
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    launcher = ["python"] if world <= 1 else (
+        ["torchrun", f"--nproc_per_node={per_node}"]
+        + ([f"--nnodes={world // per_node}", "<the rendezvous flags of the first run>"] if world > per_node else []))
+    return " ".join([*launcher, *map(shell_quote, argv), "--resume-from-checkpoint",
                      shell_quote(str(checkpoint) if checkpoint else "auto")])
 
 

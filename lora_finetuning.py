@@ -114,7 +114,7 @@ def load_base(base: str, labels: list[str], task: str):
     try:
         return auto_class.from_pretrained(
             base, num_labels=len(labels), id2label=dict(enumerate(labels)),
-            label2id={name: i for i, name in enumerate(labels)})
+            label2id={name: i for i, name in enumerate(labels)}, **common.pretrained_kwargs())
     except (OSError, ValueError) as error:
         raise UserError(f"could not load the base model {base}: {common.first_line(error)}") from None
 
@@ -163,7 +163,7 @@ def predict_with_adapters(args: argparse.Namespace) -> None:
         def show(entities) -> None:
             ner.print_entities(texts, entities)
     else:
-        tokenizer = AutoTokenizer.from_pretrained(adapter_dirs[0])
+        tokenizer = AutoTokenizer.from_pretrained(adapter_dirs[0], **common.pretrained_kwargs())
         inputs = tokenizer(texts, truncation=True, max_length=args.max_length, padding=True, return_tensors="pt")
 
         def predict():
@@ -190,7 +190,7 @@ def merge_adapter(adapter_dir: Path) -> Path:
 
     model, _, record = load_adapters([adapter_dir])
     merged = model.merge_and_unload()
-    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+    tokenizer = AutoTokenizer.from_pretrained(adapter_dir, **common.pretrained_kwargs())
     target = adapter_dir / MERGED_SUBDIR
     target.mkdir(exist_ok=True)
     common.save_atomically(target, lambda staging: (merged.save_pretrained(staging), tokenizer.save_pretrained(staging)))
@@ -384,6 +384,7 @@ def comparison_markdown(c: dict, full: dict, lora: dict, split: str, scored) -> 
 def main() -> int:
     argv = sys.argv[1:]
     args = parse_args(argv)
+    common.set_trust_remote_code(args.trust_remote_code)
     if args.compare_runs:
         common.prepare_output_dir(args.output_dir, True, False)
         write_comparison(Path(args.compare_runs[0]), Path(args.compare_runs[1]), Path(args.output_dir))

@@ -443,9 +443,9 @@ def load_word_tokenizer(model: common.ResolvedModel | str, name: str | None = No
     path = model.path if isinstance(model, common.ResolvedModel) else model
     name = name or (model.name if isinstance(model, common.ResolvedModel) else model)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, **common.pretrained_kwargs())
         if needs_prefix_space(tokenizer):
-            tokenizer = AutoTokenizer.from_pretrained(path, add_prefix_space=True)
+            tokenizer = AutoTokenizer.from_pretrained(path, add_prefix_space=True, **common.pretrained_kwargs())
     except (OSError, ValueError) as error:
         raise UserError(f"could not load the tokenizer of '{name}': {common.first_line(error)}") from None
     if not tokenizer.is_fast:
@@ -697,12 +697,17 @@ def train(args, model, fresh_parameters, tokenizer, data: dict[str, Encoded], la
     return trainer, result, time.perf_counter() - started, interrupt.interrupted
 
 
-def evaluate(trainer, encoded: Encoded, label_names: list[str]) -> dict[str, Any]:
-    trainer.compute_metrics = None  # it decodes the validation windows; this split has its own
-    prediction = trainer.predict(encoded.features)
+def evaluate(trainer, encoded: Encoded, label_names: list[str], known=None) -> dict[str, Any]:
+    """Metrics of the trained model on a split, from `known` = (prediction, loss) when the caller
+    has them already."""
+    if known is None:
+        trainer.compute_metrics = None  # it decodes the validation windows; this split has its own
+        prediction = trainer.predict(encoded.features)
+        known = prediction, prediction.metrics.get("test_loss", float("nan"))
+    prediction, loss = known
     tags, _ = decode(prediction.predictions, encoded.windows, encoded.lengths, label_names)
     metrics = ner_metrics(encoded.gold, tags)
-    metrics["loss"] = float(prediction.metrics.get("test_loss", float("nan")))
+    metrics["loss"] = float(loss)
     metrics["examples"] = len(encoded.gold)
     metrics["windows"] = len(encoded.windows)
     metrics["split_sentences"] = encoded.split_count
@@ -799,7 +804,7 @@ def predict(args: argparse.Namespace) -> None:
 
     tokenizer = load_word_tokenizer(str(model_dir))
     try:
-        model = AutoModelForTokenClassification.from_pretrained(model_dir).eval()
+        model = AutoModelForTokenClassification.from_pretrained(model_dir, **common.pretrained_kwargs()).eval()
     except (OSError, ValueError) as error:
         raise UserError(f"could not load the model in {model_dir}: {common.first_line(error)}") from None
     print_entities(texts, predict_entities(model, tokenizer, texts, args.max_length, args.eval_batch_size))
@@ -885,7 +890,8 @@ def run(args: argparse.Namespace, method: str = "full") -> dict[str, Any] | None
         return None
 
     # 4. Evaluate the best model on validation and test, per word.
-    validation = evaluate(trainer, data["validation"], label_names)
+    # The best checkpoint's validation predictions come from its evaluation during training, if this process ran it.
+    validation = evaluate(trainer, data["validation"], label_names, known=trainer.best_validation_prediction())
     test = evaluate(trainer, data["test"], label_names) if "test" in data else None
 
     # 5. Save the model (or adapter), metrics and logs; then report.
@@ -917,6 +923,7 @@ def run(args: argparse.Namespace, method: str = "full") -> dict[str, Any] | None
 
 def main() -> int:
     args = parse_args()
+    common.set_trust_remote_code(args.trust_remote_code)
     if args.predict or args.predict_file:
         predict(args)
         return 0

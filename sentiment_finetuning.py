@@ -265,10 +265,11 @@ def train(args, model, fresh_parameters, tokenizer, datasets: dict[str, list[dic
     return trainer, result, time.perf_counter() - started, interrupt.interrupted
 
 
-def evaluate(trainer, dataset: list[dict], label_names: list[str]) -> dict[str, Any]:
+def evaluate(trainer, dataset: list[dict], label_names: list[str], prediction=None) -> dict[str, Any]:
+    """Metrics of the trained model on `dataset`, from `prediction` when the caller has it already."""
     import torch
 
-    prediction = trainer.predict(dataset)
+    prediction = prediction or trainer.predict(dataset)
     metrics = classification_metrics(prediction.predictions, prediction.label_ids, label_names)
     # The mean loss over the examples, from the gathered logits: under torchrun the Trainer's
     # test_loss averages per-batch losses, one of which includes the examples repeated to even out
@@ -303,8 +304,11 @@ def predict(args: argparse.Namespace) -> None:
     if not (model_dir / "config.json").is_file():
         raise UserError(f"--output-dir {args.output_dir} holds no trained model; train one first "
                         "(run without --predict) or point --output-dir at it.")
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, **common.pretrained_kwargs())
+        model = AutoModelForSequenceClassification.from_pretrained(model_dir, **common.pretrained_kwargs()).eval()
+    except (OSError, ValueError) as error:
+        raise UserError(f"could not load the model in {model_dir}: {common.first_line(error)}") from None
     results = []
     with torch.inference_mode():
         for start in range(0, len(texts), args.eval_batch_size):
@@ -392,7 +396,8 @@ def run(args: argparse.Namespace, method: str = "full") -> dict[str, Any] | None
         return None
 
     # 4. Evaluate the best model on validation and test.
-    validation = evaluate(trainer, datasets["validation"], label_names)
+    best = trainer.best_validation_prediction()  # from its evaluation during training, if this process ran it
+    validation = evaluate(trainer, datasets["validation"], label_names, prediction=best[0] if best else None)
     test = evaluate(trainer, datasets["test"], label_names) if "test" in datasets else None
 
     # 5. Save the model (or adapter), metrics and logs; then report.
@@ -421,6 +426,7 @@ def run(args: argparse.Namespace, method: str = "full") -> dict[str, Any] | None
 
 def main() -> int:
     args = parse_args()
+    common.set_trust_remote_code(args.trust_remote_code)
     if args.predict or args.predict_file:
         common.quiet_libraries()
         predict(args)

@@ -231,7 +231,8 @@ def load_causal_lm(resolved: common.ResolvedModel, dtype=None):
     from transformers import AutoModelForCausalLM
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(resolved.path, gguf_file=resolved.gguf_file, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(resolved.path, gguf_file=resolved.gguf_file, dtype=dtype,
+                                                     **common.pretrained_kwargs())
     except (OSError, ValueError) as error:
         raise UserError(f"could not load '{resolved.name}' as a causal language model: {common.first_line(error)}") from None
     if getattr(model, "hf_quantizer", None) is not None:
@@ -356,7 +357,7 @@ def load_saved(model_dir: Path):
     else:
         raise UserError(f"--output-dir {model_dir} holds no trained model or adapter; train one first "
                         "(pass --train-file or no data flag) or point --output-dir at it.")
-    return model, prepare_tokenizer(AutoTokenizer.from_pretrained(model_dir))
+    return model, prepare_tokenizer(AutoTokenizer.from_pretrained(model_dir, **common.pretrained_kwargs()))
 
 
 def write_samples(path: Path, prompts: list[str], before: list[list[str]], after: list[list[str]], method: str) -> None:
@@ -520,6 +521,7 @@ def report(metrics: dict[str, Any], output_dir: Path) -> None:
 
 def main() -> int:
     args = parse_args()
+    common.set_trust_remote_code(args.trust_remote_code)
     generating_only = (args.prompt or args.prompt_file) and not (args.train_file or args.dataset)
     if generating_only:
         common.quiet_libraries()

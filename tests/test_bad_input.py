@@ -399,6 +399,60 @@ def test_model_directory_without_weights(script, tiny_encoder, tiny_gpt2, tmp_pa
     assert_clean_error(result, "could not load", "no-weights", "no file named")
 
 
+CUSTOM_CODE = """
+from pathlib import Path
+
+from transformers import BertConfig, BertForSequenceClassification, BertForTokenClassification, BertModel
+
+Path({marker!r}).write_text("the model's own code ran")
+
+
+class CustomConfig(BertConfig):
+    model_type = "custom-bert"
+
+
+class CustomModel(BertModel):
+    config_class = CustomConfig
+
+
+class CustomForSequenceClassification(BertForSequenceClassification):
+    config_class = CustomConfig
+
+
+class CustomForTokenClassification(BertForTokenClassification):
+    config_class = CustomConfig
+"""
+
+
+def model_with_custom_code(tiny_encoder: Path, directory: Path) -> tuple[Path, Path]:
+    """A copy of the tiny encoder whose config points at Python code shipped beside it (auto_map),
+    code that leaves a marker file when it runs."""
+    model, marker = directory / "custom-model", directory / "code-ran.marker"
+    shutil.copytree(tiny_encoder, model)
+    (model / "custom_bert.py").write_text(CUSTOM_CODE.format(marker=str(marker)))
+    config = json.loads((model / "config.json").read_text())
+    config.update(model_type="custom-bert", architectures=["CustomModel"], auto_map={
+        "AutoConfig": "custom_bert.CustomConfig", "AutoModel": "custom_bert.CustomModel",
+        "AutoModelForSequenceClassification": "custom_bert.CustomForSequenceClassification",
+        "AutoModelForTokenClassification": "custom_bert.CustomForTokenClassification"})
+    (model / "config.json").write_text(json.dumps(config))
+    return model, marker
+
+
+@pytest.mark.parametrize("script", ENCODER_SCRIPTS)
+def test_model_with_its_own_code_needs_trust_remote_code(script, tiny_encoder, tmp_path):
+    """Code shipped with a model never runs without --trust-remote-code (and the library's
+    interactive prompt, which would hang a script, never appears); with the flag it loads."""
+    model, marker = model_with_custom_code(tiny_encoder, tmp_path)
+    result = run_main(script, *out(tmp_path), "--model-name", model, "--max-train-samples", "16")
+    assert_clean_error(result, "ships its own Python code", "--trust-remote-code")
+    assert not marker.exists()
+    result = run_main(script, "--output-dir", tmp_path / "trusted", "--model-name", model, "--trust-remote-code",
+                      "--max-train-samples", "16", "--epochs", "1", "--batch-size", "8")
+    assert result.returncode == 0, result.stderr
+    assert marker.exists()
+
+
 # ============================================================================================
 # Output directory, and what was saved before
 # ============================================================================================

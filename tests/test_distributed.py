@@ -242,6 +242,7 @@ def test_interrupt_stops_every_process_at_the_same_step(target, tiny_encoder, da
         pytest.fail("the processes did not stop together after the signal")
     assert process.returncode != 0
     assert "training interrupted; checkpoint saved" in stderr, stderr
+    assert "torchrun --nproc_per_node=2 " in stderr and "--resume-from-checkpoint" in stderr, stderr  # as many processes
     # The interrupt's checkpoint, and the previous epoch's when the signal came after the first epoch.
     checkpoints = sorted((output_dir / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     assert 1 <= len(checkpoints) <= 2, stderr

@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import assert_clean_error, requires_bundled_encoder, run_script, write_rows
+from conftest import ROOT, assert_clean_error, requires_bundled_encoder, run_script, write_rows
 
 SCRIPT = "sentiment_finetuning.py"
 FAST = ("--epochs", "1", "--batch-size", "16", "--learning-rate", "1e-3", "--eval-batch-size", "64")
@@ -68,6 +68,31 @@ def test_training_log_has_an_evaluation_per_epoch(trained):
     evaluations = [r for r in records if "eval_accuracy" in r]
     assert [round(r["epoch"]) for r in evaluations] == [1, 2]
     assert any("loss" in r for r in records)
+
+
+def test_validation_figures_are_those_of_the_saved_model(tiny_encoder, tmp_path):
+    """The validation figures reuse the best checkpoint's evaluation during training (no second
+    pass): they must be exactly what the saved model scores when evaluated afresh."""
+    import csv
+
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    metrics, _ = train(tiny_encoder, tmp_path, "--epochs", "3", "--fp32", "--metric-for-best-model", "loss")
+    log = [json.loads(line) for line in (tmp_path / "training_log.jsonl").read_text().splitlines()]
+    assert len([r for r in log if "eval_loss" in r]) == 3
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    with open(ROOT / "data" / "sentiment" / "validation.csv", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    labels = torch.tensor([model.config.label2id[row["label"]] for row in rows])
+    with torch.inference_mode():
+        logits = model(**tokenizer([row["text"] for row in rows], padding=True, return_tensors="pt")).logits
+    assert metrics["validation"]["accuracy"] == (logits.argmax(-1) == labels).float().mean().item()
+    assert metrics["validation"]["loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, labels).item(),
+                                                          rel=1e-4)
+    assert metrics["validation"]["loss"] == pytest.approx(min(r["eval_loss"] for r in log if "eval_loss" in r),
+                                                          rel=1e-4)
 
 
 def test_saved_model_loads_with_plain_transformers_and_pipeline(trained):
