@@ -73,7 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       help="With --compare: learning rate of the full fine-tuning run "
                            "(default: sentiment_finetuning.py's default for the model).")
     args = parser.parse_args(argv)
-    TASKS[args.task].check_args(parser, args)
+    common.check_encoder_args(parser, args)
     if not 0 <= args.lora_dropout < 1:
         parser.error("--lora-dropout must be in [0, 1)")
     if args.adapter and not (args.predict or args.predict_file):

@@ -59,17 +59,8 @@ def build_parser(description: str = __doc__, learning_rate: float = 2e-5, fallba
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
-    check_args(parser, args)
+    common.check_encoder_args(parser, args)
     return args
-
-
-def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    if args.max_length < 8:
-        parser.error("--max-length must be at least 8")
-    if args.dataset and args.train_file:
-        parser.error("--dataset and --train-file are mutually exclusive")
-    if not 0 <= args.warmup_ratio < 1:
-        parser.error("--warmup-ratio must be in [0, 1)")
 
 
 # --------------------------------------------------------------------------------------------

@@ -63,7 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     training.add_argument("--batch-size", type=common.positive_int, default=8, help="Training blocks per batch.")
     training.add_argument("--eval-batch-size", type=common.positive_int, default=8, help="Evaluation blocks per batch.")
     training.add_argument("--learning-rate", type=common.positive_float,
-                          help="Peak learning rate (default: 1e-3 with LoRA, 5e-5 with --full).")
+                          help="Peak learning rate (default: LoRA 1e-3 on attention projections alone, 3e-4 "
+                               "when feed-forward projections are adapted too; 5e-5 with --full).")
     training.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay.")
     training.add_argument("--warmup-ratio", type=float, default=0.05, help="Share of steps with linear warm-up.")
     training.add_argument("--seed", type=int, default=42, help="Random seed (training order, sampling).")
@@ -472,6 +473,22 @@ def make_causal_lm_trainer(use_chunked_loss: bool, precision: str):
     return CausalLMTrainer
 
 
+# Projections of the feed-forward block, by architecture: adapting them too means adapting about
+# three times as many weights, which call for a lower learning rate.
+FEED_FORWARD_PROJECTIONS = {"gate_proj", "up_proj", "down_proj", "c_fc", "fc1", "fc2", "fc_in", "fc_out",
+                            "dense_h_to_4h", "dense_4h_to_h", "w1", "w2", "w3"}
+
+
+def default_learning_rate(lora_targets: list[str] | str | None) -> float:
+    """5e-5 for full fine-tuning; for LoRA 1e-3 on attention projections alone, 3e-4 when the
+    feed-forward projections are adapted as well (measured on SmolLM2: README, "Expected results")."""
+    if lora_targets is None:
+        return 5e-5
+    if lora_targets == "all-linear" or FEED_FORWARD_PROJECTIONS & set(lora_targets):
+        return 3e-4
+    return 1e-3
+
+
 def train(args, model, tokenizer, blocks, precision: str, output_dir: Path, resume: str | None):
     from transformers import TrainingArguments
 
@@ -533,8 +550,6 @@ def main() -> int:
     common.quiet_libraries()
     precision = common.choose_precision(args.fp16, args.bf16, args.fp32)
     method = "full" if args.full else "lora"
-    if args.learning_rate is None:
-        args.learning_rate = 5e-5 if args.full else 1e-3
 
     # 1. Read the text.
     train_docs, validation_docs, source = load_documents(args)
@@ -553,7 +568,7 @@ def main() -> int:
     block_size = args.block_size or min(limit, 1024 if torch.cuda.is_available() else 256)
     if block_size > limit:
         raise UserError(f"--block-size {block_size} exceeds the model's context of {limit} tokens.")
-    print(f"model: {resolved.name}  method: {method}  precision: {precision}  learning rate: {args.learning_rate:g}")
+    print(f"model: {resolved.name}  method: {method}  precision: {precision}")
     blocks = build_blocks(args, tokenizer, train_docs, validation_docs, block_size)
     common.check_one_batch(len(blocks["train"]), args.batch_size, f"blocks of {block_size} tokens",
                            "add text, lower --block-size")
@@ -565,6 +580,9 @@ def main() -> int:
     else:
         model, targets = common.apply_lora(model, args, task_type="CAUSAL_LM")
         print(f"LoRA: r={args.lora_r}, alpha={args.lora_alpha:g}, targets: {targets if isinstance(targets, str) else ' '.join(targets)}")
+    if args.learning_rate is None:
+        args.learning_rate = default_learning_rate(targets)
+    print(f"learning rate: {args.learning_rate:g}")
     params = common.count_parameters(model)
     print(common.describe_parameters(params))
     if torch.cuda.is_available():

@@ -177,18 +177,70 @@ def test_chunked_loss_is_not_used_where_it_would_change_the_loss(tiny_gpt2):
     assert script.chunked_loss_parts(model) is None
 
 
+def test_default_targets_and_learning_rate_per_architecture(tiny_gpt2):
+    from transformers import AutoModelForCausalLM
+
+    import common
+    import text_generation_lora as script
+
+    llama = common.lora_target_modules(tiny_llama(400), None)
+    assert llama == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    gpt2 = common.lora_target_modules(AutoModelForCausalLM.from_pretrained(tiny_gpt2), None)
+    assert gpt2 == ["c_attn"]
+    assert script.default_learning_rate(gpt2) == 1e-3  # attention projections alone
+    assert script.default_learning_rate(["q_proj", "v_proj"]) == 1e-3
+    assert script.default_learning_rate(llama) == script.default_learning_rate("all-linear") == 3e-4
+    assert script.default_learning_rate(None) == 5e-5  # --full
+
+
+def test_lora_without_input_casting_is_exact_under_autocast():
+    """apply_lora() turns off PEFT's cast of bf16 adapter inputs to fp32: under bf16 autocast the
+    logits and gradients are bit for bit those with the cast."""
+    import argparse
+
+    import torch
+
+    import common
+
+    lora = argparse.Namespace(lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_target_modules=["all-linear"],
+                              use_rslora=False, use_dora=False)
+    model, _ = common.apply_lora(tiny_llama(400), lora, "CAUSAL_LM")
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter, std=0.1)
+    torch.manual_seed(1)
+    input_ids = torch.randint(0, 400, (2, 24))
+
+    def logits_and_gradients(cast: bool):
+        for module in model.modules():
+            if hasattr(module, "cast_input_dtype_enabled"):
+                module.cast_input_dtype_enabled = cast
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            output = model(input_ids=input_ids, labels=input_ids)
+        output.loss.backward()
+        return output.logits.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    cast_logits, cast_gradients = logits_and_gradients(cast=True)
+    logits, gradients = logits_and_gradients(cast=False)
+    assert torch.equal(logits, cast_logits)
+    assert len(gradients) == len(cast_gradients) > 0
+    assert all(torch.equal(a, b) for a, b in zip(gradients, cast_gradients))
+
+
+def short_run(tiny_gpt2, output_dir, *flags: str) -> dict:
+    """Three training steps on the embedded corpus in fp32; returns metrics.json."""
+    result = run_script(SCRIPT, "--model-name", tiny_gpt2, "--output-dir", output_dir, "--block-size", "64",
+                        "--max-steps", "3", "--batch-size", "4", "--max-new-tokens", "4", "--fp32", *flags)
+    assert result.returncode == 0, result.stderr
+    return json.loads((output_dir / "metrics.json").read_text())
+
+
 def test_training_with_and_without_chunked_loss_gives_the_same_run(tiny_gpt2, tmp_path):
-    losses = {}
-    for flag in ("", "--no-chunked-loss"):
-        output_dir = tmp_path / (flag or "chunked")
-        result = run_script(SCRIPT, "--model-name", tiny_gpt2, "--output-dir", output_dir, "--block-size", "64",
-                            "--max-steps", "3", "--batch-size", "4", "--max-new-tokens", "4", "--fp32",
-                            *([flag] if flag else []))
-        assert result.returncode == 0, result.stderr
-        losses[flag] = json.loads((output_dir / "metrics.json").read_text())
-        assert losses[flag]["train"]["chunked_loss"] is (flag == "")
-    assert losses[""]["train"]["final_loss"] == pytest.approx(losses["--no-chunked-loss"]["train"]["final_loss"], rel=1e-4)
-    assert losses[""]["perplexity"] == pytest.approx(losses["--no-chunked-loss"]["perplexity"], rel=1e-4)
+    chunked, plain = short_run(tiny_gpt2, tmp_path / "chunked"), short_run(tiny_gpt2, tmp_path / "plain", "--no-chunked-loss")
+    assert chunked["train"]["chunked_loss"] is True and plain["train"]["chunked_loss"] is False
+    assert chunked["train"]["final_loss"] == pytest.approx(plain["train"]["final_loss"], rel=1e-4)
+    assert chunked["perplexity"] == pytest.approx(plain["perplexity"], rel=1e-4)
 
 
 # ---- the CPU training attention -------------------------------------------------------------------
@@ -230,27 +282,16 @@ def test_fast_attention_equals_sdpa_in_training(tiny_gpt2, architecture):
     assert model.config._attn_implementation == "sdpa"
 
 
-def test_training_with_and_without_fast_attention_gives_the_same_run(tiny_gpt2, tmp_path):
-    runs = {}
-    for flag in ("", "--no-fast-attention"):
-        output_dir = tmp_path / (flag or "fast")
-        result = run_script(SCRIPT, "--model-name", tiny_gpt2, "--output-dir", output_dir, "--block-size", "64",
-                            "--max-steps", "3", "--batch-size", "4", "--max-new-tokens", "4", "--fp32",
-                            "--merge-adapter", *([flag] if flag else []))
-        assert result.returncode == 0, result.stderr
-        runs[flag] = json.loads((output_dir / "metrics.json").read_text())
-        assert runs[flag]["train"]["fast_attention"] is (flag == "")
-        # The saved model names the library's attention, not the training-time one.
-        config = json.loads((output_dir / "merged" / "config.json").read_text())
-        assert common_fast_attention_name() not in json.dumps(config)
-    # GPT-2 keeps its attention dropout: the two runs draw different masks, so compare loosely.
-    assert runs[""]["perplexity"] == pytest.approx(runs["--no-fast-attention"]["perplexity"], rel=0.05)
-
-
-def common_fast_attention_name() -> str:
+def test_training_with_and_without_fast_attention(tiny_gpt2, tmp_path):
     import common
 
-    return common.FAST_ATTENTION
+    fast = short_run(tiny_gpt2, tmp_path / "fast", "--merge-adapter")
+    sdpa = short_run(tiny_gpt2, tmp_path / "sdpa", "--merge-adapter", "--no-fast-attention")
+    assert fast["train"]["fast_attention"] is True and sdpa["train"]["fast_attention"] is False
+    # The saved model names the library's attention, not the training-time one.
+    assert common.FAST_ATTENTION not in (tmp_path / "fast" / "merged" / "config.json").read_text()
+    # GPT-2 keeps its attention dropout: the two runs draw different masks, so compare loosely.
+    assert fast["perplexity"] == pytest.approx(sdpa["perplexity"], rel=0.05)
 
 
 # ---- saving: adapter, reload, merge ----------------------------------------------------------------
