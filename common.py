@@ -202,7 +202,7 @@ def add_data_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
 
 
 def add_training_args(parser: argparse.ArgumentParser, learning_rate: float, fallback_learning_rate: float,
-                      head_lr_multiplier: float = 1.0) -> argparse._ArgumentGroup:
+                      head_lr_multiplier: float = 1.0, warmup_ratio: float = 0.1) -> argparse._ArgumentGroup:
     group = parser.add_argument_group("training")
     group.add_argument("--epochs", type=positive_float, default=3.0, help="Number of training epochs.")
     group.add_argument("--batch-size", type=positive_int, default=8, help="Training batch size per device.")
@@ -212,7 +212,7 @@ def add_training_args(parser: argparse.ArgumentParser, learning_rate: float, fal
                             "small bundled offline model, which needs a higher rate).")
     parser.set_defaults(default_learning_rate=learning_rate, fallback_learning_rate=fallback_learning_rate)
     group.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay.")
-    group.add_argument("--warmup-ratio", type=float, default=0.1,
+    group.add_argument("--warmup-ratio", type=float, default=warmup_ratio,
                        help="Fraction of the training steps spent warming the learning rate up.")
     group.add_argument("--max-length", type=positive_int, default=128, help="Maximum tokens per input.")
     group.add_argument("--seed", type=int, default=42, help="Random seed (data order, split, initialisation).")
