@@ -151,10 +151,17 @@ def step_timer():
     return StepTimer()
 
 
-def timed_train(trainer) -> tuple[Any, float]:
+def train_stock(args: argparse.Namespace, precision: str, model, train_dataset, data_collator, tokenizer):
+    """The stock Trainer with the recipe's arguments, trained and timed.
+    Returns the trainer, the train() result, the training time and the step timer."""
+    from transformers import Trainer
+
+    timer = step_timer()
+    trainer = Trainer(model=model, args=training_arguments(args, precision), train_dataset=train_dataset,
+                      data_collator=data_collator, processing_class=tokenizer, callbacks=[timer])
     started = time.perf_counter()
     result = trainer.train()
-    return result, time.perf_counter() - started
+    return trainer, result, time.perf_counter() - started, timer
 
 
 def peak_rss_mb() -> float:
@@ -210,7 +217,7 @@ def read_tsv(path: str) -> tuple[list[str], list[int]]:
 def run_classification(args: argparse.Namespace) -> None:
     import datasets
     import numpy as np
-    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
+    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding,
                               default_data_collator)
 
     precision = recipe_precision(args.recipe)
@@ -229,11 +236,8 @@ def run_classification(args: argparse.Namespace) -> None:
     model = AutoModelForSequenceClassification.from_pretrained(args.model_name, num_labels=num_labels)
     if args.lora:
         model = add_lora(model, args, "SEQ_CLS")
-    timer = step_timer()
     collator = default_data_collator if args.recipe == "plain" else DataCollatorWithPadding(tokenizer)
-    trainer = Trainer(model=model, args=training_arguments(args, precision), train_dataset=splits["train"],
-                      data_collator=collator, processing_class=tokenizer, callbacks=[timer])
-    result, runtime = timed_train(trainer)
+    trainer, result, runtime, timer = train_stock(args, precision, model, splits["train"], collator, tokenizer)
 
     started = time.perf_counter()
     prediction = trainer.predict(splits["validation"])
@@ -273,7 +277,7 @@ def run_ner(args: argparse.Namespace) -> None:
     from seqeval.metrics import f1_score
     from seqeval.scheme import IOB2
     from transformers import (AutoModelForTokenClassification, AutoTokenizer, DataCollatorForTokenClassification,
-                              Trainer, default_data_collator)
+                              default_data_collator)
 
     precision = recipe_precision(args.recipe)
     files = {"train": args.train_file, "validation": args.validation_file}
@@ -311,11 +315,8 @@ def run_ner(args: argparse.Namespace) -> None:
         args.model_name, num_labels=len(label_names), id2label=dict(enumerate(label_names)), label2id=label_id)
     if args.lora:
         model = add_lora(model, args, "TOKEN_CLS")
-    timer = step_timer()
     collator = default_data_collator if args.recipe == "plain" else DataCollatorForTokenClassification(tokenizer)
-    trainer = Trainer(model=model, args=training_arguments(args, precision), train_dataset=splits["train"],
-                      data_collator=collator, processing_class=tokenizer, callbacks=[timer])
-    result, runtime = timed_train(trainer)
+    trainer, result, runtime, timer = train_stock(args, precision, model, splits["train"], collator, tokenizer)
 
     started = time.perf_counter()
     scores = {}
@@ -411,7 +412,7 @@ def perplexity(model, blocks: list[list[int]], precision: str, batch_size: int =
 
 def run_causal_lm(args: argparse.Namespace) -> None:
     import datasets
-    from transformers import Trainer, default_data_collator
+    from transformers import default_data_collator
 
     precision = recipe_precision(args.recipe)
     model, tokenizer = load_causal_lm(args)
@@ -423,10 +424,7 @@ def run_causal_lm(args: argparse.Namespace) -> None:
                                         "attention_mask": [[1] * len(b) for b in train_blocks]})
     if args.lora:
         model = add_lora(model, args, "CAUSAL_LM")
-    timer = step_timer()
-    trainer = Trainer(model=model, args=training_arguments(args, precision), train_dataset=train,
-                      data_collator=default_data_collator, processing_class=tokenizer, callbacks=[timer])
-    result, runtime = timed_train(trainer)
+    trainer, result, runtime, timer = train_stock(args, precision, model, train, default_data_collator, tokenizer)
 
     started = time.perf_counter()
     after = perplexity(model, validation_blocks, precision)
