@@ -57,7 +57,18 @@ def run_cli(main: Callable[[], int | None]) -> None:
     except KeyboardInterrupt:
         print("error: interrupted by the user (Ctrl-C); nothing was saved.", file=sys.stderr)
         sys.exit(130)
+    leave_process_group()
     sys.exit(code or 0)
+
+
+def leave_process_group() -> None:
+    """Tear down the distributed process group before exit. Left to the interpreter's shutdown,
+    gloo's worker threads can be destroyed while still joinable, and the process aborts
+    ("terminate called without an active exception") after a run that succeeded."""
+    dist = sys.modules.get("torch.distributed")  # not imported: nothing to tear down
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def process_rank() -> int:

@@ -158,6 +158,7 @@ dist.all_gather_object(gathered, model.seen)
 if dist.get_rank() == 0:
     with open(sys.argv[2] + "/seen.json", "w") as handle:
         json.dump(gathered, handle)
+common.leave_process_group()
 '''
 
 
