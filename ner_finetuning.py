@@ -657,12 +657,18 @@ class Encoded:
         return [len(tags) for tags in self.gold]
 
 
-def encode_split(tokenizer, split: Split, label_names: list[str], args: argparse.Namespace) -> Encoded:
+def encode_split(tokenizer, split: Split, label_names: list[str], args: argparse.Namespace,
+                 by_length: bool = False) -> Encoded:
+    """Encode a split; `by_length` orders its windows by length (for evaluation: batches of similar
+    lengths carry little padding, and each window keeps its sentence, so decoding is unaffected)."""
     index = {name: i for i, name in enumerate(label_names)}
     continuation = {index[name]: index["I-" + name[2:]] for name in label_names if name.startswith("B-")}
     tag_ids = [[index.get(tag, -100) for tag in s.tags] for s in split.sentences]
     features, windows, split_count = encode(tokenizer, [s.tokens for s in split.sentences], args.max_length,
                                             tag_ids, args.label_all_tokens, continuation)
+    if by_length:
+        order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
+        features, windows = [features[i] for i in order], [windows[i] for i in order]
     return Encoded(features, windows, [list(s.tags) for s in split.sentences], split_count)
 
 
@@ -857,7 +863,8 @@ def run(args: argparse.Namespace, method: str = "full") -> dict[str, Any] | None
     common.settle_learning_rate(args, resolved)
     print(f"model: {resolved.name}  method: {method}  precision: {precision}  learning rate: {args.learning_rate:g}")
     tokenizer = load_word_tokenizer(resolved)
-    data = {name: encode_split(tokenizer, split, label_names, args) for name, split in splits.items()}
+    data = {name: encode_split(tokenizer, split, label_names, args, by_length=name != "train")
+            for name, split in splits.items()}
     for name, encoded in data.items():
         if encoded.split_count:
             pieces = len(encoded.windows) - len(encoded.gold) + encoded.split_count

@@ -188,6 +188,30 @@ def test_long_sentence_is_split_into_windows_that_keep_every_word(tokenizer):
     assert covered == list(range(len(words))), "every word lands in exactly one window, in order"
 
 
+def test_evaluation_splits_are_ordered_by_length_and_decode_the_same(tokenizer):
+    """Evaluation windows are sorted by length (less padding); decoding gold-label logits gives back
+    every sentence's gold tags in file order, long sentences split into windows included."""
+    import argparse
+
+    import numpy as np
+
+    sentences = [ner.Sentence(text.split(), [], f"line {i}") for i, text in enumerate(ner_texts()[:12])]
+    sentences.append(ner.Sentence(" ".join(ner_texts()[:3]).split(), [], "line 99"))  # split into windows
+    for sentence in sentences:
+        sentence.tags = [LABELS[(i * 7 + len(sentence.tokens)) % 2 * 3] for i in range(len(sentence.tokens))]
+    args = argparse.Namespace(max_length=16, label_all_tokens=False)
+    plain = ner.encode_split(tokenizer, ner.Split(sentences, "test"), LABELS, args)
+    ordered = ner.encode_split(tokenizer, ner.Split(sentences, "test"), LABELS, args, by_length=True)
+    lengths = [len(feature["input_ids"]) for feature in ordered.features]
+    assert lengths == sorted(lengths) and lengths != [len(f["input_ids"]) for f in plain.features]
+    assert ordered.split_count == plain.split_count > 0
+    width = max(lengths)
+    logits = np.array([[one_hot(label) if label != -100 else [0.0] * len(LABELS) for label in feature["labels"]]
+                       + [[0.0] * len(LABELS)] * (width - len(feature["labels"])) for feature in ordered.features])
+    tags, _ = ner.decode(logits, ordered.windows, ordered.lengths, LABELS)
+    assert tags == [s.tags for s in sentences] == ordered.gold
+
+
 def test_a_word_longer_than_the_window_is_kept(tokenizer):
     words = ["Paris", "zqxjkvwzqxjkvwzqxjkvw", "France"]
     assert len(tokenizer(words[1], add_special_tokens=False)["input_ids"]) > 8
