@@ -66,7 +66,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                           help="Peak learning rate (default: LoRA 1e-3 on attention projections alone, 3e-4 "
                                "when feed-forward projections are adapted too; 5e-5 with --full).")
     training.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay.")
-    training.add_argument("--warmup-ratio", type=float, default=0.05, help="Share of steps with linear warm-up.")
+    training.add_argument("--warmup-ratio", type=float, default=0.0,
+                          help="Share of steps with linear warm-up (default none: measured better for "
+                               "LoRA on SmolLM2, see the README).")
     training.add_argument("--seed", type=int, default=42, help="Random seed (training order, sampling).")
     training.add_argument("--resume-from-checkpoint", metavar="PATH",
                           help="Continue from a checkpoint directory, or 'auto' for the latest one.")
