@@ -474,6 +474,15 @@ def tune_allocator() -> bool:
     return bool(libc.mallopt(_M_MMAP_THRESHOLD, LARGEST_MMAP_THRESHOLD) and libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30))
 
 
+def set_up_hardware(args: argparse.Namespace) -> str:
+    """Act on the flags of add_precision_args(): return the run's precision (choose_precision) and
+    tune the allocator unless --no-allocator-tuning."""
+    precision = choose_precision(args.fp16, args.bf16, args.fp32)
+    if not args.no_allocator_tuning:
+        tune_allocator()
+    return precision
+
+
 def precision_training_kwargs(precision: str) -> dict[str, Any]:
     """TrainingArguments for the chosen precision (autocast; the master weights stay fp32)."""
     import torch

@@ -856,9 +856,7 @@ def run(args: argparse.Namespace, method: str = "full") -> dict[str, Any] | None
 
     # 2. Resolve the model and tokenize every split once.
     common.quiet_libraries()
-    precision = common.choose_precision(args.fp16, args.bf16, args.fp32)
-    if not args.no_allocator_tuning:
-        common.tune_allocator()
+    precision = common.set_up_hardware(args)
     resolved = common.resolve_model(args.model_name, allow_fallback=not args.no_fallback)
     common.settle_learning_rate(args, resolved)
     print(f"model: {resolved.name}  method: {method}  precision: {precision}  learning rate: {args.learning_rate:g}")

@@ -342,9 +342,7 @@ def run(args: argparse.Namespace, method: str = "full") -> dict[str, Any] | None
     output_dir = common.prepare_output_dir(args.output_dir, args.overwrite_output_dir, bool(args.resume_from_checkpoint))
     resume = common.resolve_resume_checkpoint(args.resume_from_checkpoint, output_dir)
     common.quiet_libraries()
-    precision = common.choose_precision(args.fp16, args.bf16, args.fp32)
-    if not args.no_allocator_tuning:
-        common.tune_allocator()
+    precision = common.set_up_hardware(args)
 
     # 1. Load and check the data.
     raw, source = load_splits(args)
