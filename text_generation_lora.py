@@ -385,7 +385,6 @@ def write_samples(path: Path, prompts: list[str], before: list[list[str]], after
 # Architectures whose logits are exactly lm_head(last hidden state): no soft-capping, logit scale
 # or bias, so the loss can be computed from the hidden states chunk by chunk.
 CHUNKED_LOSS_MODEL_TYPES = {"gpt2", "llama", "mistral", "qwen2", "qwen3", "gpt_neox", "smollm3", "olmo", "olmo2"}
-LOSS_CHUNK_ROWS = None  # None: loss_chunk_rows() of the vocabulary
 
 
 def loss_chunk_rows(vocabulary: int) -> int:
@@ -414,7 +413,7 @@ def chunked_cross_entropy():
                 grad_hidden = torch.empty_like(hidden)
                 grad_weight = torch.zeros_like(weight, dtype=torch.float32) if weight.requires_grad else None
                 total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-                rows = LOSS_CHUNK_ROWS or loss_chunk_rows(weight.shape[0])
+                rows = loss_chunk_rows(weight.shape[0])
                 for start in range(0, hidden.shape[0], rows):
                     h = hidden[start:start + rows].to(compute_dtype)
                     targets = labels[start:start + rows]
