@@ -42,6 +42,11 @@ def build_parser(description: str = __doc__, learning_rate: float = 2e-5, fallba
     training = common.add_training_args(parser, learning_rate=learning_rate, fallback_learning_rate=fallback_learning_rate,
                                         head_lr_multiplier=head_lr_multiplier)
     training.add_argument(
+        "--no-first-token-shortcut", action="store_true",
+        help="Compute every position in the last encoder layer (the default computes only the "
+             "[CLS] position that the classifier reads, where the architecture allows: same logits, "
+             "less work).")
+    training.add_argument(
         "--metric-for-best-model", choices=("accuracy", "f1_macro", "loss"), default="accuracy",
         help="Validation metric that picks the checkpoint kept at the end.")
     common.add_precision_args(parser)

@@ -1,4 +1,5 @@
-"""The speed settings that are on by default: FastDropout, length-grouped batches, the tuned allocator.
+"""The speed settings that are on by default: FastDropout, length-grouped batches, the tuned allocator,
+the first-token last layer of classifiers and the kept embedding-gradient buffer.
 (Their timings are benchmark figures, in BENCHMARKS.md; these tests check that they compute what
 they claim to.)"""
 
@@ -10,7 +11,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, run_script
+from conftest import ROOT, build_tiny_encoder, run_script
 
 
 def test_fast_dropout_keeps_the_distribution_and_masks_its_gradient():
@@ -64,16 +65,15 @@ def test_fast_dropout_replaces_the_models_dropout_modules(tiny_encoder):
     assert [m.p for m in fast] == [m.p for m in plain]
 
 
-def test_training_with_and_without_fast_dropout(tiny_encoder, tmp_path):
+def test_training_with_and_without_the_speed_settings(tiny_encoder, tmp_path):
     """Both train; the default records nothing different except the speed."""
     runs = {}
-    for flag in ("", "--no-fast-dropout"):
-        output_dir = tmp_path / (flag or "fast")
+    for flags in ((), ("--no-fast-dropout", "--no-first-token-shortcut", "--no-embedding-grad-buffer")):
+        output_dir = tmp_path / ("plain" if flags else "fast")
         result = run_script("sentiment_finetuning.py", "--model-name", tiny_encoder, "--output-dir", output_dir,
-                            "--epochs", "2", "--batch-size", "8", "--learning-rate", "1e-3",
-                            *([flag] if flag else []))
+                            "--epochs", "2", "--batch-size", "8", "--learning-rate", "1e-3", *flags)
         assert result.returncode == 0, result.stderr
-        runs[flag] = json.loads((output_dir / "metrics.json").read_text())
+        runs[flags] = json.loads((output_dir / "metrics.json").read_text())
     for metrics in runs.values():
         assert metrics["train"]["final_loss"] < 0.75  # two classes: 0.69 is chance
 
@@ -134,3 +134,122 @@ def test_tuned_allocator_reuses_memory_instead_of_faulting_it_back(tmp_path):
         faults[mode] = float(result.stdout.split()[-1])
     assert faults["default"] > 2000
     assert faults["tuned"] < 300
+
+
+def _without_dropout(model):
+    import torch
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return model
+
+
+def _tiny_classifier(directory, num_labels: int = 3):
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(1)  # the same fresh head for every copy
+    return _without_dropout(AutoModelForSequenceClassification.from_pretrained(directory, num_labels=num_labels))
+
+
+@pytest.mark.parametrize("kind", ["bert", "distilbert", "roberta"])
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_first_token_last_layer_gives_the_full_models_logits_and_gradients(kind, lora, tmp_path):
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    import common
+
+    directory = build_tiny_encoder(tmp_path / kind, kind)
+    full, shortcut = _tiny_classifier(directory), _tiny_classifier(directory)
+    if lora:
+        targets = ["q_lin", "v_lin"] if kind == "distilbert" else ["query", "value"]
+        adapted = []
+        for model in (full, shortcut):
+            torch.manual_seed(2)  # the same random (not zero) adapters in both
+            adapted.append(get_peft_model(model, LoraConfig(r=4, target_modules=targets, task_type="SEQ_CLS",
+                                                            init_lora_weights=False)))
+        full, shortcut = adapted
+    assert common.use_first_token_last_layer(shortcut)
+    base = shortcut.get_base_model() if lora else shortcut
+    layers = base.base_model.get_submodule(common.FIRST_TOKEN_CLASSIFIERS[type(base).__name__])
+    positions = []
+    layers[-1].register_forward_hook(lambda module, args, output: positions.append(output.shape[1]))
+
+    input_ids = torch.randint(5, 100, (4, 9))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 6:] = 0  # padded inputs: the first query must ignore the padding keys
+    attention_mask[3, 2:] = 0
+    labels = torch.tensor([0, 2, 1, 2])
+    for mode in ("eval", "train"):
+        outputs = []
+        for model in (full, shortcut):
+            getattr(model, mode)()
+            model.zero_grad()
+            output = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+            output.loss.backward()
+            outputs.append(output)
+        torch.testing.assert_close(outputs[1].logits, outputs[0].logits, atol=1e-5, rtol=1e-5)
+        for (name, expected), actual in zip(full.named_parameters(), shortcut.parameters()):
+            if expected.requires_grad:
+                torch.testing.assert_close(actual.grad, expected.grad, atol=1e-5, rtol=1e-4, msg=name)
+    assert positions == [1, 1]  # the last layer computed the first position only
+
+
+def test_first_token_last_layer_is_left_alone_where_the_head_reads_more(tiny_encoder):
+    import torch
+    from transformers import AlbertConfig, AlbertForSequenceClassification, AutoModelForTokenClassification
+
+    import common
+
+    tagger = AutoModelForTokenClassification.from_pretrained(tiny_encoder, num_labels=3)  # every position
+    shared = AlbertForSequenceClassification(AlbertConfig(  # one layer's weights serve every layer
+        vocab_size=100, embedding_size=16, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64))
+    for model in (tagger, shared):
+        forwards = [module.forward for module in model.modules()]
+        assert not common.use_first_token_last_layer(model)
+        assert [module.forward for module in model.modules()] == forwards
+    model = tagger.eval()
+    assert model(input_ids=torch.randint(5, 100, (2, 7))).logits.shape == (2, 7, 3)
+
+
+def test_embedding_gradient_buffer_trains_like_fresh_gradients(tiny_encoder):
+    """Four optimizer steps (one of two accumulated micro-batches) with gradient clipping:
+    the kept buffer gives the weights of the library's fresh dense gradients."""
+    import torch
+
+    import common
+
+    models = [_tiny_classifier(tiny_encoder), _tiny_classifier(tiny_encoder)]
+    assert common.keep_embedding_gradient(models[1])
+    # SGD: AdamW would magnify rounding noise in gradients that are zero in theory (attention key biases).
+    optimizers = [torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9) for model in models]
+    generator = torch.Generator().manual_seed(0)
+    batches = [[torch.randint(5, 100, (4, 6), generator=generator)] for _ in range(4)]
+    batches[2].append(torch.randint(5, 100, (3, 8), generator=generator))
+    kept = []
+    for model, optimizer in zip(models, optimizers):
+        model.train()
+        for micro_batches in batches:
+            for input_ids in micro_batches:
+                model(input_ids=input_ids, labels=input_ids[:, 0] % 3).loss.backward()
+            kept.append(model.get_input_embeddings().weight.grad)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    for (name, expected), actual in zip(models[0].named_parameters(), models[1].parameters()):
+        # Repeated tokens' rows may be summed in another order: equal to float32 rounding.
+        torch.testing.assert_close(actual, expected, atol=1e-6, rtol=1e-5, msg=name)
+    assert not kept[0].is_sparse and all(grad is kept[4] for grad in kept[4:])  # one dense buffer, reused
+    assert models[1].get_input_embeddings().weight.grad is None  # handed back to the optimizer's contract
+
+
+def test_embedding_gradient_buffer_is_skipped_for_frozen_embeddings(tiny_encoder):
+    import common
+
+    model = _tiny_classifier(tiny_encoder)
+    model.get_input_embeddings().weight.requires_grad_(False)
+    assert not common.keep_embedding_gradient(model)
+    assert not model.get_input_embeddings().sparse
