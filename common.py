@@ -927,18 +927,18 @@ def keep_embedding_gradient(model) -> bool:
     which glibc maps and the kernel faults in afresh each time, ~10 ms of a ~170 ms CPU step. Here
     the embedding emits its sparse row gradient, which autograd adds into the kept dense buffer;
     before the next step only the rows written are zeroed again. The optimizer sees the same dense
-    gradient (up to the order in which a repeated token's rows are summed: tested). Off for frozen embeddings, on GPUs (whose caching
-    allocator has no such cost) and in multi-process runs (DDP would all-reduce sparse gradients).
-    Returns whether the buffer is used."""
+    gradient (up to the order in which a repeated token's rows are summed: tested). Off for frozen
+    embeddings, on GPUs (whose caching allocator has no such cost) and in multi-process runs (DDP
+    would all-reduce sparse gradients). Returns whether the buffer is used."""
     import torch
 
     embedding = model.get_input_embeddings()
-    weight = embedding.weight
-    if (type(embedding) is not torch.nn.Embedding or not weight.requires_grad or embedding.max_norm is not None
-            or torch.cuda.is_available() or int(os.environ.get("WORLD_SIZE", "1")) > 1):
+    if (type(embedding) is not torch.nn.Embedding or not embedding.weight.requires_grad
+            or embedding.max_norm is not None or torch.cuda.is_available()
+            or int(os.environ.get("WORLD_SIZE", "1")) > 1):
         return False
     embedding.sparse = True
-    buffer = torch.zeros_like(weight)
+    buffer = torch.zeros_like(embedding.weight)
     rows_written: list = []
 
     def install_buffer(module, args):
@@ -1501,9 +1501,9 @@ def prepare_encoder_for_method(model, fresh_parameters: Sequence[str], args: arg
                                task_type: str) -> tuple[Any, dict[str, Any] | None]:
     """Freeze the word embeddings when asked; for method "lora", wrap the model in LoRA with the
     task head trained in full; switch on the speed settings (FastDropout, the kept embedding-gradient
-    buffer, and for sequence classification the first-token last layer) unless their --no-* flags say
-    otherwise. Returns the model and
-    the LoRA record for metrics.json (None for full fine-tuning)."""
+    buffer, and for sequence classification the first-token last layer) unless their --no-* flags
+    say otherwise. Returns the model and the LoRA record for metrics.json (None for full
+    fine-tuning)."""
     if args.freeze_embeddings:
         model.get_input_embeddings().weight.requires_grad_(False)
     lora = None

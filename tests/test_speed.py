@@ -246,10 +246,13 @@ def test_embedding_gradient_buffer_trains_like_fresh_gradients(tiny_encoder):
     assert models[1].get_input_embeddings().weight.grad is None  # handed back to the optimizer's contract
 
 
-def test_embedding_gradient_buffer_is_skipped_for_frozen_embeddings(tiny_encoder):
+def test_embedding_gradient_buffer_is_skipped_for_frozen_embeddings_and_under_ddp(tiny_encoder, monkeypatch):
     import common
 
-    model = _tiny_classifier(tiny_encoder)
-    model.get_input_embeddings().weight.requires_grad_(False)
-    assert not common.keep_embedding_gradient(model)
-    assert not model.get_input_embeddings().sparse
+    frozen = _tiny_classifier(tiny_encoder)
+    frozen.get_input_embeddings().weight.requires_grad_(False)
+    assert not common.keep_embedding_gradient(frozen)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # DDP would see sparse gradients
+    distributed = _tiny_classifier(tiny_encoder)
+    assert not common.keep_embedding_gradient(distributed)
+    assert not frozen.get_input_embeddings().sparse and not distributed.get_input_embeddings().sparse
