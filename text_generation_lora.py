@@ -74,8 +74,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                           help="Continue from a checkpoint directory, or 'auto' for the latest one.")
     training.add_argument("--full", action="store_true", help="Full fine-tuning instead of LoRA (for comparison).")
     training.add_argument("--no-chunked-loss", action="store_true",
-                          help="Compute the training loss from the model's full logits (the library's path) instead "
-                               "of chunk by chunk from the hidden states (same loss, faster, less memory).")
+                          help="Compute the training loss and the perplexity from the model's full logits (the "
+                               "library's path) instead of chunk by chunk from the hidden states (same loss, "
+                               "faster, less memory).")
     training.add_argument("--no-fast-attention", action="store_true",
                           help="Train with the library's SDPA attention (the default on a CPU computes short "
                                "blocks' attention with plain matrix products: same result, faster).")
@@ -266,24 +267,35 @@ def context_length(model, tokenizer) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def perplexity(model, blocks: list[list[int]], batch_size: int, pad_id: int, precision: str) -> dict[str, float]:
+def perplexity(model, blocks: list[list[int]], batch_size: int, pad_id: int, precision: str,
+               chunked_loss: bool = True) -> dict[str, float]:
     """exp(total NLL / total predicted tokens) over all blocks: padding never counts, and the
-    result does not depend on the batch size."""
+    result does not depend on the batch size. With `chunked_loss` (where the architecture allows)
+    the full logits are never built, as in training."""
     import torch
 
     device = next(model.parameters()).device
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    parts = chunked_loss_parts(model) if chunked_loss else None
     total_nll, total_tokens = 0.0, 0
     was_training = model.training
     model.eval()
     with torch.inference_mode():
         for start in range(0, len(blocks), batch_size):
             batch = {k: v.to(device) for k, v in collate_blocks(blocks[start:start + batch_size], pad_id).items()}
-            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             targets = batch["labels"][:, 1:]
-            nll = torch.nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(),
-                                                    ignore_index=-100, reduction="sum")
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                if parts:
+                    decoder, head = parts
+                    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+                else:
+                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            if parts:
+                nll = chunked_cross_entropy().apply(hidden[:, :-1].flatten(0, 1), head.weight, targets.flatten(),
+                                                    autocast_dtype or torch.float32)
+            else:
+                nll = torch.nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(),
+                                                        ignore_index=-100, reduction="sum")
             total_nll += float(nll)
             total_tokens += int((targets != -100).sum())
     model.train(was_training)
@@ -402,16 +414,18 @@ def chunked_cross_entropy():
     """An autograd function: the summed next-token cross-entropy of lm_head(hidden) and its gradients,
     computed a few hundred positions at a time. The full (tokens x vocabulary) fp32 logits of the
     usual path (400 MB for 8 x 256 tokens and a 49k vocabulary) are never built; softmax and its
-    gradient are formed in one pass while a chunk is hot in cache."""
+    gradient are formed in one pass while a chunk is hot in cache. Under torch.inference_mode() (the
+    perplexity evaluation) only the loss is computed."""
     import torch
 
     class ChunkedLinearCrossEntropy(torch.autograd.Function):
         @staticmethod
         def forward(ctx, hidden, weight, labels, compute_dtype):
+            gradients = not torch.is_inference_mode_enabled()
             with torch.autocast(hidden.device.type, enabled=False):
                 w = weight.to(compute_dtype)
-                grad_hidden = torch.empty_like(hidden)
-                grad_weight = torch.zeros_like(weight, dtype=torch.float32) if weight.requires_grad else None
+                grad_hidden = torch.empty_like(hidden) if gradients else None
+                grad_weight = torch.zeros_like(weight, dtype=torch.float32) if gradients and weight.requires_grad else None
                 total = torch.zeros((), dtype=torch.float32, device=hidden.device)
                 rows = loss_chunk_rows(weight.shape[0])
                 for start in range(0, hidden.shape[0], rows):
@@ -421,6 +435,8 @@ def chunked_cross_entropy():
                     safe_targets = targets.clamp(min=0)
                     log_probabilities = torch.log_softmax((h @ w.T).float(), dim=-1)
                     total -= (log_probabilities.gather(1, safe_targets[:, None]).squeeze(1) * valid).sum()
+                    if not gradients:
+                        continue
                     probabilities = log_probabilities.exp_()  # d(loss)/d(logits) = softmax - one-hot
                     probabilities[torch.arange(len(targets), device=h.device), safe_targets] -= 1
                     if not bool(valid.all()):
@@ -429,8 +445,9 @@ def chunked_cross_entropy():
                     grad_hidden[start:start + rows] = grad_logits @ w
                     if grad_weight is not None:
                         grad_weight += (grad_logits.T @ h).float()
-            ctx.save_for_backward(grad_hidden, grad_weight if grad_weight is not None else torch.empty(0))
-            ctx.has_weight_grad = grad_weight is not None
+            if gradients:
+                ctx.save_for_backward(grad_hidden, grad_weight if grad_weight is not None else torch.empty(0))
+                ctx.has_weight_grad = grad_weight is not None
             return total
 
         @staticmethod
@@ -603,7 +620,7 @@ def main() -> int:
 
     # 4. Perplexity and samples before training.
     pad_id = tokenizer.pad_token_id
-    before = perplexity(model, blocks["validation"], args.eval_batch_size, pad_id, precision)
+    before = perplexity(model, blocks["validation"], args.eval_batch_size, pad_id, precision, not args.no_chunked_loss)
     print(f"perplexity before training: {before['perplexity']:.2f}")
     prompts = read_prompts(args, default=not (args.train_file or args.dataset)) or sample_prompts(tokenizer, validation_docs or train_docs)
     samples_before = generate(model, tokenizer, prompts, args)
@@ -619,7 +636,7 @@ def main() -> int:
 
     # 5. Perplexity and samples after training.
     common.restore_attention(model)
-    after = perplexity(model, blocks["validation"], args.eval_batch_size, pad_id, precision)
+    after = perplexity(model, blocks["validation"], args.eval_batch_size, pad_id, precision, not args.no_chunked_loss)
     samples_after = generate(model, tokenizer, prompts, args)
 
     # 6. Save adapter or model, merged model, samples, metrics.

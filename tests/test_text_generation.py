@@ -74,7 +74,8 @@ def test_tokens_used_are_reported(trained):
 # ---- perplexity -------------------------------------------------------------------------------
 
 
-def test_perplexity_matches_a_hand_computation_and_ignores_batch_size(tiny_gpt2):
+@pytest.mark.parametrize("chunked_loss", [True, False], ids=["chunked", "full-logits"])
+def test_perplexity_matches_a_hand_computation_and_ignores_batch_size(tiny_gpt2, chunked_loss, monkeypatch):
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -90,8 +91,9 @@ def test_perplexity_matches_a_hand_computation_and_ignores_batch_size(tiny_gpt2)
             nll -= sum(float(log_probs[i, block[i + 1]]) for i in range(len(block) - 1))
             count += len(block) - 1
     expected = math.exp(nll / count)
+    monkeypatch.setattr(script, "loss_chunk_rows", lambda vocabulary: 4)  # several chunks per batch
     for batch_size in (1, 2, 3):
-        result = script.perplexity(model, blocks, batch_size, pad_id=0, precision="fp32")
+        result = script.perplexity(model, blocks, batch_size, pad_id=0, precision="fp32", chunked_loss=chunked_loss)
         assert result["tokens"] == count == 12
         assert result["perplexity"] == pytest.approx(expected, rel=1e-5)
 
