@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The performance benchmark: every script against two stock-Trainer baselines, in one command.
 
-    python benchmarks/run_all.py           # the full benchmark (estimated 17 minutes on 2 quiet cores)
+    python benchmarks/run_all.py           # the full benchmark (18-20 minutes on 2 cores)
     python benchmarks/run_all.py --quick   # a smoke test with tiny sizes (3-5 minutes on 2 quiet cores)
     python benchmarks/run_all.py --tasks sentiment ner --runs project tuned
 
@@ -100,7 +100,7 @@ KEEP_MARKER = "<!-- Notes below this line are written by hand and kept when run_
 
 # Sizes: the full benchmark, and --quick (a smoke test of every code path, not a measurement).
 FULL = {"sst2_train": 16000, "sst2_held_out": 1000, "ner_train": None, "ner_eval": None, "lm_steps": 10,
-        "lm_block_size": 256, "lm_eval_blocks": 32, "plain_max_steps": 20, "peak_repeats": 5, "cli_repeats": 3}
+        "lm_block_size": 256, "lm_eval_blocks": 32, "plain_max_steps": 10, "peak_repeats": 5, "cli_repeats": 2}
 QUICK = {"sst2_train": 256, "sst2_held_out": 128, "ner_train": 160, "ner_eval": 64, "lm_steps": 2,
          "lm_block_size": 64, "lm_eval_blocks": 4, "plain_max_steps": 3, "peak_repeats": 3, "cli_repeats": 1}
 
