@@ -1421,10 +1421,11 @@ LORA_TARGETS = {
 }
 
 
-def add_lora_args(parser: argparse.ArgumentParser, dropout: float = 0.0) -> argparse._ArgumentGroup:
+def add_lora_args(parser: argparse.ArgumentParser, dropout: float = 0.0, rank: int = 8) -> argparse._ArgumentGroup:
     group = parser.add_argument_group("LoRA")
-    group.add_argument("--lora-r", type=positive_int, default=8, help="Rank of the LoRA update matrices.")
-    group.add_argument("--lora-alpha", type=positive_float, default=16, help="LoRA scaling numerator (scale = alpha / r).")
+    group.add_argument("--lora-r", type=positive_int, default=rank, help="Rank of the LoRA update matrices.")
+    group.add_argument("--lora-alpha", type=positive_float, default=2 * rank,
+                       help="LoRA scaling numerator (scale = alpha / r).")
     group.add_argument("--lora-dropout", type=float, default=dropout,
                        help="Dropout on the adapter's input (0 skips a copy of every adapted activation).")
     group.add_argument("--lora-target-modules", nargs="+", metavar="NAME",

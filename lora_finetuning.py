@@ -56,7 +56,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--task", choices=tuple(TASKS), default="classification",
                         help="classification: text classification, the data flags of sentiment_finetuning.py; "
                              "ner: token classification, the data flags of ner_finetuning.py.")
-    common.add_lora_args(parser, dropout=0.0)
+    # Rank 32 for classification: on SST-2 (8,000 phrases, one epoch) it closed about half of rank 8's
+    # 3-point gap to full fine-tuning at the same speed (README, "Full fine-tuning vs LoRA").
+    common.add_lora_args(parser, dropout=0.0, rank=8 if task == "ner" else 32)
     lora = parser.add_argument_group("adapters and comparison")
     lora.add_argument("--adapter", action="append", metavar="DIR",
                       help="With --predict: load these adapters on one base model and predict with each in "
