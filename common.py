@@ -885,6 +885,8 @@ def use_first_token_last_layer(model) -> bool:
 
 def _first_token_bert_layer(layer, hidden_states, attention_mask=None, *args, cache=None,
                             encoder_attention_mask=None, **kwargs):
+    # The cross-attention and cache arguments are accepted and unused: use_first_token_last_layer()
+    # skips decoder layers with cross-attention, and an encoder trained as a classifier has no cache.
     attention = layer.attention.self
     first = hidden_states[:, :1]
     output = _first_query_attention(attention, attention.query(first), attention.key(hidden_states),

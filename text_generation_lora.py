@@ -291,8 +291,7 @@ def perplexity(model, blocks: list[list[int]], batch_size: int, pad_id: int, pre
                 else:
                     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             if parts:
-                nll = chunked_cross_entropy().apply(hidden[:, :-1].flatten(0, 1), head.weight, targets.flatten(),
-                                                    autocast_dtype or torch.float32)
+                nll = chunked_next_token_loss(hidden, head, batch["labels"], autocast_dtype or torch.float32)
             else:
                 nll = torch.nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(),
                                                         ignore_index=-100, reduction="sum")
@@ -459,6 +458,15 @@ def chunked_cross_entropy():
     return ChunkedLinearCrossEntropy
 
 
+def chunked_next_token_loss(hidden, head, labels, compute_dtype):
+    """The summed cross-entropy of head(hidden) at position t against token t+1 of `labels` (-100
+    ignored), by chunked_cross_entropy(); for the training loss and the perplexity alike."""
+    import torch
+
+    shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)  # the last position predicts nothing
+    return chunked_cross_entropy().apply(hidden.flatten(0, 1), head.weight, shifted.flatten(), compute_dtype)
+
+
 def chunked_loss_parts(model):
     """(decoder, lm_head) when the chunked loss computes exactly the model's own loss, else None."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT wrapper
@@ -494,9 +502,8 @@ def make_causal_lm_trainer(use_chunked_loss: bool, precision: str):
             labels = inputs["labels"]
             with self.accelerator.autocast():
                 hidden = decoder(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).last_hidden_state
-            shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)  # position t predicts token t+1
-            total = chunked_cross_entropy().apply(hidden.flatten(0, 1), head.weight, shifted.flatten(), compute_dtype)
-            count = num_items_in_batch if num_items_in_batch is not None else (shifted != -100).sum()
+            total = chunked_next_token_loss(hidden, head, labels, compute_dtype)
+            count = num_items_in_batch if num_items_in_batch is not None else (labels[:, 1:] != -100).sum()
             return total / count
 
     return CausalLMTrainer
