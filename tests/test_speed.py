@@ -68,7 +68,8 @@ def test_fast_dropout_replaces_the_models_dropout_modules(tiny_encoder):
 def test_training_with_and_without_the_speed_settings(tiny_encoder, tmp_path):
     """Both train; the default records nothing different except the speed."""
     runs = {}
-    for flags in ((), ("--no-fast-dropout", "--no-first-token-shortcut", "--no-embedding-grad-buffer")):
+    for flags in ((), ("--no-fast-dropout", "--no-first-token-shortcut", "--no-embedding-grad-buffer",
+                       "--no-fast-attention")):
         output_dir = tmp_path / ("plain" if flags else "fast")
         result = run_script("sentiment_finetuning.py", "--model-name", tiny_encoder, "--output-dir", output_dir,
                             "--epochs", "2", "--batch-size", "8", "--learning-rate", "1e-3", *flags)
@@ -195,6 +196,66 @@ def test_first_token_last_layer_gives_the_full_models_logits_and_gradients(kind,
             if expected.requires_grad:
                 torch.testing.assert_close(actual.grad, expected.grad, atol=1e-5, rtol=1e-4, msg=name)
     assert positions == [1, 1]  # the last layer computed the first position only
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("kind", ["bert", "distilbert", "roberta"])
+@pytest.mark.parametrize("task", ["classification", "tokens"])
+def test_fast_attention_gives_sdpas_logits_and_gradients_for_encoders(kind, task, precision, tmp_path, monkeypatch):
+    """The plain-matmul training attention on padded encoder batches, with the first-token last
+    layer (classification) and without (token classification): SDPA's logits and gradients to fp32
+    rounding in fp32, to bf16 rounding under bf16 autocast. Evaluation is handed to SDPA."""
+    import torch
+    import transformers.integrations.sdpa_attention as sdpa_module
+    from transformers import AutoModelForTokenClassification
+
+    import common
+
+    directory = build_tiny_encoder(tmp_path / kind, kind)
+    models = []
+    for _ in range(2):
+        if task == "classification":
+            model = _tiny_classifier(directory)
+            common.use_first_token_last_layer(model)
+        else:
+            torch.manual_seed(1)
+            model = _without_dropout(AutoModelForTokenClassification.from_pretrained(directory, num_labels=3))
+        models.append(model.train())
+    sdpa, fast = models
+    assert common.use_fast_attention(fast)
+    handed_to_sdpa = []
+    original = sdpa_module.sdpa_attention_forward
+    monkeypatch.setattr(sdpa_module, "sdpa_attention_forward",
+                        lambda *args, **kwargs: handed_to_sdpa.append(1) or original(*args, **kwargs))
+    torch.manual_seed(3)
+    input_ids = torch.randint(5, 100, (4, 9))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 6:] = 0
+    attention_mask[3, 2:] = 0
+    labels = torch.tensor([0, 2, 1, 2]) if task == "classification" else torch.randint(0, 3, (4, 9))
+
+    def forward_backward(model):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            output = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+        output.loss.backward()
+        return output.logits.float(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    expected_logits, expected = forward_backward(sdpa)
+    logits, gradients = forward_backward(fast)
+    assert not handed_to_sdpa, "training ran the plain-matmul attention"
+    assert expected.keys() == gradients.keys()
+    if precision == "fp32":
+        torch.testing.assert_close(logits, expected_logits, atol=1e-5, rtol=1e-5)
+        for name in expected:
+            torch.testing.assert_close(gradients[name], expected[name], atol=1e-6, rtol=1e-4, msg=name)
+    else:
+        assert (logits - expected_logits).norm() <= 0.02 * expected_logits.norm()
+        for name in expected:  # bf16 keeps 8 bits: compare each gradient as a whole
+            assert (gradients[name] - expected[name]).norm() <= 0.03 * expected[name].norm() + 1e-6, name
+    with torch.no_grad():
+        fast.eval()(input_ids=input_ids, attention_mask=attention_mask)
+    assert handed_to_sdpa, "evaluation keeps SDPA"
 
 
 def test_first_token_last_layer_is_left_alone_where_the_head_reads_more(tiny_encoder):
