@@ -248,7 +248,7 @@ def model_cache_dir() -> Path:
 
 def converted_gguf(resolved: common.ResolvedModel) -> common.ResolvedModel:
     """The GGUF model as an ordinary checkpoint directory (safetensors + tokenizer), converted on
-    first use and kept in `model_cache_dir()`.
+    first use and kept in `model_cache_dir()`; other models are returned as they are.
 
     transformers reads a GGUF file by parsing its metadata three times (tokenizer, config, weights)
     and de-quantizing every tensor: ~18 s per run for the bundled SmolLM2-135M on this 2-core
@@ -261,6 +261,8 @@ def converted_gguf(resolved: common.ResolvedModel) -> common.ResolvedModel:
 
     import transformers
 
+    if not resolved.gguf_file:
+        return resolved
     gguf = Path(resolved.path) / resolved.gguf_file
     stat = gguf.stat()
     key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}".encode())
@@ -269,13 +271,10 @@ def converted_gguf(resolved: common.ResolvedModel) -> common.ResolvedModel:
         return dataclasses.replace(resolved, path=str(target), gguf_file=None)
     print(f"note: converting {gguf.name} once to an ordinary checkpoint in {target}; later runs load it "
           "in about a second (--no-gguf-cache reads the GGUF file every run).")
+    staging = None
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    except OSError as error:
-        print(f"note: cannot write the model cache ({common.first_line(error)}); reading the GGUF file directly.")
-        return resolved
-    try:
         common.load_tokenizer(resolved).save_pretrained(staging)
         load_causal_lm(resolved).save_pretrained(staging)
         os.replace(staging, target)  # the directory appears complete or not at all
@@ -284,7 +283,8 @@ def converted_gguf(resolved: common.ResolvedModel) -> common.ResolvedModel:
             print(f"note: cannot write the model cache ({common.first_line(error)}); reading the GGUF file directly.")
             return resolved
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
     return dataclasses.replace(resolved, path=str(target), gguf_file=None)
 
 
@@ -345,13 +345,11 @@ def perplexity(model, blocks: list[list[int]], batch_size: int, pad_id: int, pre
                 if parts:
                     decoder, head = parts
                     hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+                    nll = chunked_next_token_loss(hidden, head, batch["labels"], autocast_dtype or torch.float32)
                 else:
                     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            if parts:
-                nll = chunked_next_token_loss(hidden, head, batch["labels"], autocast_dtype or torch.float32)
-            else:
-                nll = torch.nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(),
-                                                        ignore_index=-100, reduction="sum")
+                    nll = torch.nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(),
+                                                            ignore_index=-100, reduction="sum")
             total_nll += float(nll)
             total_tokens += int((targets != -100).sum())
     model.train(was_training)
@@ -412,9 +410,8 @@ def decoding_weights(model, dtype):
     80 tokens when merged)."""
     import torch
 
-    lora_layers = [module for module in model.modules() if _mergeable_lora(module)]
-    merge = bool(lora_layers) and hasattr(model, "disable_adapter") and \
-        len(lora_layers) == sum(hasattr(module, "lora_A") for module in model.modules())
+    lora_layers = [module for module in model.modules() if hasattr(module, "lora_A")]
+    merge = bool(lora_layers) and hasattr(model, "disable_adapter") and all(map(_mergeable_lora, lora_layers))
     replacements = {}
     if merge:
         with torch.no_grad():
@@ -438,12 +435,11 @@ def decoding_weights(model, dtype):
 
 
 def _mergeable_lora(module) -> bool:
-    """A peft LoRA linear layer whose update is the plain (B @ A) * scale (no DoRA)."""
-    if not hasattr(module, "lora_A") or not hasattr(module, "get_delta_weight") or getattr(module, "merged", True):
-        return False
+    """Whether a peft LoRA layer is a linear one, unmerged and active, whose update is the plain
+    (B @ A) * scale (no DoRA)."""
     from peft.tuners.lora import Linear
 
-    return isinstance(module, Linear) and bool(module.active_adapters) and \
+    return isinstance(module, Linear) and not module.merged and bool(module.active_adapters) and \
         not any(module.use_dora.get(name, False) for name in module.active_adapters)
 
 
@@ -472,7 +468,7 @@ def load_saved(model_dir: Path, gguf_cache: bool = True):
                                     name=record.get("model", "base model"), gguf_file=record.get("gguf_file"))
         if not Path(base.path).exists() and base.path.startswith(("/", ".")):
             raise UserError(f"the adapter's base model {base.path} is missing; reinstall it or retrain.")
-        if base.gguf_file and gguf_cache:
+        if gguf_cache:
             base = converted_gguf(base)
         model = PeftModel.from_pretrained(load_causal_lm(base), model_dir)
     elif (model_dir / "config.json").is_file():
@@ -706,7 +702,7 @@ def main() -> int:
     import transformers
 
     resolved = common.resolve_model(args.model_name, allow_fallback=not args.no_fallback, kind="causal-lm")
-    source = converted_gguf(resolved) if resolved.gguf_file and not args.no_gguf_cache else resolved
+    source = resolved if args.no_gguf_cache else converted_gguf(resolved)
     tokenizer = prepare_tokenizer(common.load_tokenizer(source))
     transformers.set_seed(args.seed)
     model = load_causal_lm(source)
@@ -721,7 +717,7 @@ def main() -> int:
                            "add text, lower --block-size")
 
     # 3. LoRA adapters (or full fine-tuning).
-    fast_attention = not args.no_fast_attention and not torch.cuda.is_available() and common.use_fast_attention(model)
+    fast_attention = not args.no_fast_attention and common.use_fast_attention(model)
     if args.full:
         targets = None
     else:
