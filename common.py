@@ -824,12 +824,15 @@ def use_fast_attention(model) -> bool:
     ms per training step). The same attention is computed (fp32 softmax, like the
     library's eager path); only the kernels and the rounding differ. GPU tensors, evaluation, and
     inputs whose scores would exceed FAST_ATTENTION_MAX_SCORES elements use SDPA unchanged.
-    Returns False (nothing changed) for models that do not run SDPA through the attention interface.
+    Returns False (nothing changed) where CUDA is available and for models that do not run SDPA
+    through the attention interface.
     """
+    import torch
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
-    if getattr(model.config, "_attn_implementation", None) != "sdpa" or not hasattr(model, "set_attn_implementation"):
+    if torch.cuda.is_available() or getattr(model.config, "_attn_implementation", None) != "sdpa" \
+            or not hasattr(model, "set_attn_implementation"):
         return False
     AttentionInterface.register(FAST_ATTENTION, _cpu_training_attention)
     AttentionMaskInterface.register(FAST_ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
@@ -1512,8 +1515,6 @@ def prepare_encoder_for_method(model, fresh_parameters: Sequence[str], args: arg
     buffer, for sequence classification the first-token last layer, and on a CPU the plain-matmul
     training attention) unless their --no-* flags say otherwise. Returns the model and the LoRA
     record for metrics.json (None for full fine-tuning)."""
-    import torch
-
     if args.freeze_embeddings:
         model.get_input_embeddings().weight.requires_grad_(False)
     lora = None
@@ -1528,7 +1529,7 @@ def prepare_encoder_for_method(model, fresh_parameters: Sequence[str], args: arg
         keep_embedding_gradient(model)
     if task_type == "SEQ_CLS" and not args.no_first_token_shortcut:
         use_first_token_last_layer(model)
-    if not args.no_fast_attention and not torch.cuda.is_available():
+    if not args.no_fast_attention:
         use_fast_attention(model)
     return model, lora
 

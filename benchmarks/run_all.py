@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The performance benchmark: every script against two stock-Trainer baselines, in one command.
 
-    python benchmarks/run_all.py           # the full benchmark (18-20 minutes on 2 cores)
+    python benchmarks/run_all.py           # the full benchmark (16-19 minutes on 2 cores)
     python benchmarks/run_all.py --quick   # a smoke test with tiny sizes (3-5 minutes on 2 quiet cores)
     python benchmarks/run_all.py --tasks sentiment ner --runs project tuned
 
