@@ -268,7 +268,11 @@ def converted_gguf(resolved: common.ResolvedModel) -> common.ResolvedModel:
     key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}".encode())
     target = model_cache_dir() / f"{gguf.stem}-{key.hexdigest()[:16]}"
     if target.is_dir():
-        return dataclasses.replace(resolved, path=str(target), gguf_file=None)
+        if (target / "config.json").is_file() and (target / "tokenizer_config.json").is_file() \
+                and any(target.glob("*.safetensors")):
+            return dataclasses.replace(resolved, path=str(target), gguf_file=None)
+        print(f"note: the converted copy in {target} is incomplete (files removed?); converting it again.")
+        shutil.rmtree(target, ignore_errors=True)
     print(f"note: converting {gguf.name} once to an ordinary checkpoint in {target}; later runs load it "
           "in about a second (--no-gguf-cache reads the GGUF file every run).")
     staging = None

@@ -502,6 +502,32 @@ def test_an_unwritable_model_cache_falls_back_to_the_gguf_file(tmp_path, monkeyp
     assert "cannot write the model cache" in capsys.readouterr().out
 
 
+def test_an_incomplete_converted_copy_is_converted_again(tmp_path, monkeypatch, capsys):
+    import common
+    import text_generation_lora as script
+
+    class Saved:  # stands in for the tokenizer and the model read from the GGUF file
+        def __init__(self, names):
+            self.names = names
+
+        def save_pretrained(self, directory):
+            for name in self.names:
+                (Path(directory) / name).write_text("{}")
+
+    conversions = []
+    monkeypatch.setattr(common, "load_tokenizer", lambda resolved: conversions.append(1) or Saved(["tokenizer_config.json"]))
+    monkeypatch.setattr(script, "load_causal_lm", lambda resolved: Saved(["config.json", "model.safetensors"]))
+    monkeypatch.setenv(script.CACHE_DIR_ENV, str(tmp_path / "cache"))
+    (tmp_path / "model.gguf").write_bytes(b"GGUF")
+    resolved = common.ResolvedModel(path=str(tmp_path), name="m", gguf_file="model.gguf")
+    converted = Path(script.converted_gguf(resolved).path)
+    assert script.converted_gguf(resolved).path == str(converted) and len(conversions) == 1
+    (converted / "model.safetensors").unlink()
+    assert script.converted_gguf(resolved).path == str(converted)
+    assert len(conversions) == 2 and (converted / "model.safetensors").is_file()
+    assert "incomplete (files removed?); converting it again" in capsys.readouterr().out
+
+
 # ---- bad input ----------------------------------------------------------------------------------
 
 
