@@ -107,15 +107,14 @@ def quiet_libraries() -> None:
     """Keep library chatter (load reports, advisory warnings) out of the user's terminal."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    # Read when `datasets` is first imported (by the Trainer), so --predict never pays that import.
+    os.environ.setdefault("DATASETS_VERBOSITY", "error")
     import warnings
 
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()  # weight-loading and shard-writing bars
-    import datasets
-
-    datasets.utils.logging.set_verbosity_error()
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message="Could not find a config file")

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, assert_clean_error, requires_bundled_encoder, run_script, write_rows
+from conftest import ROOT, assert_clean_error, requires_bundled_encoder, run_command, run_script, write_rows
 
 SCRIPT = "sentiment_finetuning.py"
 FAST = ("--epochs", "1", "--batch-size", "16", "--learning-rate", "1e-3", "--eval-batch-size", "64")
@@ -319,6 +320,21 @@ def test_model_directory_that_does_not_exist(tmp_path):
 def test_unreachable_model_without_fallback(tmp_path):
     result = run_script(SCRIPT, "--model-name", "distilbert-base-uncased", "--no-fallback", "--output-dir", tmp_path / "o")
     assert_clean_error(result, "cannot be reached", "--no-fallback")
+
+
+def test_predict_imports_only_what_prediction_needs(trained, tmp_path):
+    """--predict is a start-up-bound command: no training, data or plotting libraries."""
+    output_dir, _, _ = trained
+    listing = tmp_path / "modules.json"
+    code = ("import atexit, json, runpy, sys; "
+            f"atexit.register(lambda: open({str(listing)!r}, 'w').write(json.dumps(sorted(sys.modules)))); "
+            f"sys.argv = [{SCRIPT!r}, '--output-dir', {str(output_dir)!r}, '--predict', 'what a great film']; "
+            f"runpy.run_path({str(ROOT / SCRIPT)!r}, run_name='__main__')")
+    result = run_command([sys.executable, "-c", code])
+    assert result.returncode == 0, result.stderr
+    imported = set(json.loads(listing.read_text()))
+    assert "transformers.models.bert.modeling_bert" in imported  # the listing holds what was imported
+    assert not imported & {"datasets", "peft", "transformers.trainer", "sklearn", "matplotlib"}
 
 
 def test_predict_without_a_model(tmp_path):
