@@ -465,9 +465,12 @@ def make_windows(tokenizer, sentences: Sequence[Sequence[str]], max_length: int)
 
     Returns the windows' words, (sentence index, first word) per window, and how many sentences
     were split. A word that on its own exceeds the budget gets a window to itself and is cut, which
-    keeps its first sub-token: every word is still trained on and predicted.
+    keeps its first sub-token: every word is still trained on and predicted. Words the tokenizer
+    turns into nothing (zero-width or control characters) are replaced by its unknown token, so
+    that every word has a sub-token to carry its tag.
     """
     budget = max(1, max_length - tokenizer.num_special_tokens_to_add(pair=False))
+    unknown = tokenizer.unk_token
     encoded = tokenizer([list(words) for words in sentences], is_split_into_words=True, add_special_tokens=False)
     windows, places, split_count = [], [], 0
     for index, words in enumerate(sentences):
@@ -475,6 +478,9 @@ def make_windows(tokenizer, sentences: Sequence[Sequence[str]], max_length: int)
         for word in encoded.word_ids(index):
             if word is not None:
                 counts[word] += 1
+        if unknown is not None and 0 in counts:
+            words = [unknown if count == 0 else word for word, count in zip(words, counts)]
+            counts = [max(count, 1) for count in counts]
         start, used, pieces = 0, 0, 0
         for position, count in enumerate(counts):
             if position > start and used + count > budget:
@@ -488,18 +494,6 @@ def make_windows(tokenizer, sentences: Sequence[Sequence[str]], max_length: int)
     return windows, places, split_count
 
 
-def sanitise_words(tokenizer, sentences: Sequence[Sequence[str]]) -> list[list[str]]:
-    """Replace words the tokenizer turns into nothing (zero-width or control characters) by its
-    unknown token, so that every word has a sub-token to carry its tag."""
-    unknown = tokenizer.unk_token
-    if unknown is None:
-        return [list(words) for words in sentences]
-    distinct = sorted({word for words in sentences for word in words})
-    pieces = tokenizer(distinct, add_special_tokens=False)["input_ids"]
-    empty = {word for word, ids in zip(distinct, pieces) if not ids}
-    return [[unknown if word in empty else word for word in words] for words in sentences]
-
-
 def encode(tokenizer, sentences: Sequence[Sequence[str]], max_length: int, tag_ids: Sequence[Sequence[int]] | None = None,
            label_all_tokens: bool = False, continuation: dict[int, int] | None = None) -> tuple[list[dict], list[Window], int]:
     """Tokenize sentences into model inputs (windows), with labels when `tag_ids` is given.
@@ -508,8 +502,7 @@ def encode(tokenizer, sentences: Sequence[Sequence[str]], max_length: int, tag_i
     (ignored), or with `label_all_tokens` the tag id mapped through `continuation` (B-X -> I-X).
     Tag id -100 (an entity type unknown to the model) is ignored by the loss.
     """
-    words = sanitise_words(tokenizer, sentences)
-    window_words, places, split_count = make_windows(tokenizer, words, max_length)
+    window_words, places, split_count = make_windows(tokenizer, sentences, max_length)
     encoded = tokenizer(window_words, is_split_into_words=True, truncation=True, max_length=max_length)
     features, windows = [], []
     for index, (sentence, start) in enumerate(places):
@@ -576,7 +569,7 @@ def viterbi(log_probs, start, transition) -> list[int]:
 def word_log_probs(logits, windows: Sequence[Window], lengths: Sequence[int], outside: int = 0):
     """Per sentence, an (n_words, n_labels) array of log-probabilities read from each word's first
     sub-token; windows of one sentence are stitched back together, so each word appears once.
-    A word with no sub-token (never happens after sanitise_words) is forced to `outside` (O)."""
+    A word with no sub-token (never happens after make_windows) is forced to `outside` (O)."""
     import numpy as np
 
     n_labels = logits[0].shape[-1]

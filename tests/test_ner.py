@@ -223,8 +223,14 @@ def test_a_word_longer_than_the_window_is_kept(tokenizer):
 
 def test_words_without_sub_tokens_get_the_unknown_token(tokenizer):
     words = ["Paris", "\u200b", "France"]
-    _, windows, _ = ner.encode(tokenizer, [words], 32)
+    features, windows, _ = ner.encode(tokenizer, [words], 32, [[1, 0, 1]])
     assert sorted({i for i in windows[0].word_ids if i is not None}) == [0, 1, 2]
+    position = windows[0].word_ids.index(1)
+    assert features[0]["input_ids"][position] == tokenizer.unk_token_id and features[0]["labels"][position] == 0
+    # each such word takes its place in the window budget: 2 sub-tokens per window here
+    features, windows, split_count = ner.encode(tokenizer, [["\u200b", "\u200b", "\u200b"]], 4)
+    assert split_count == 1 and [w.start for w in windows] == [0, 2]
+    assert all(f["input_ids"][1:-1] == [tokenizer.unk_token_id] * (len(f["input_ids"]) - 2) for f in features)
 
 
 # ---- per-word decoding ---------------------------------------------------------------------------------
