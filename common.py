@@ -413,7 +413,7 @@ def settle_learning_rate(args: argparse.Namespace, model: ResolvedModel) -> None
     however it was named, and the script says so."""
     if args.learning_rate is not None:
         return
-    if is_bundled_encoder(model):
+    if args.fallback_learning_rate != args.default_learning_rate and is_bundled_encoder(model):
         args.learning_rate = args.fallback_learning_rate
         print(f"note: learning rate {args.learning_rate:g} for {BUNDLED_ENCODER_HUB_NAME}, a small model that "
               "needs a higher rate (pass --learning-rate to choose another).")

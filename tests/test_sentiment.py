@@ -395,6 +395,7 @@ def test_the_bundled_encoder_gets_its_learning_rate_however_it_is_named(script, 
     import importlib
 
     import common
+    import lora_finetuning
 
     module = importlib.import_module(script)
     bundled = common.bundled_encoder_dir()
@@ -411,6 +412,9 @@ def test_the_bundled_encoder_gets_its_learning_rate_however_it_is_named(script, 
         assert args.learning_rate == expected, path
         assert ("a small model that needs a higher rate" in capsys.readouterr().out) == is_bundled, path
     assert module.build_parser().parse_args([]).fallback_learning_rate != module.build_parser().parse_args([]).default_learning_rate
+    lora_args = lora_finetuning.parse_args(["--model-name", str(bundled)])  # LoRA's rate is the same for every model
+    common.settle_learning_rate(lora_args, common.ResolvedModel(path=str(bundled), name="bundled"))
+    assert lora_args.learning_rate == lora_args.default_learning_rate and "higher rate" not in capsys.readouterr().out
     args = module.build_parser().parse_args(["--learning-rate", "3e-3"])
     common.settle_learning_rate(args, common.ResolvedModel(path=str(bundled), name="bundled"))
     assert args.learning_rate == 3e-3
