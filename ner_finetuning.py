@@ -883,6 +883,8 @@ def run(args: argparse.Namespace, method: str = "full") -> dict[str, Any] | None
               file=sys.stderr)
         return None
 
+    shape = common.matmul_shape(model)  # before anything unwraps the model
+
     # 4. Evaluate the best model on validation and test, per word.
     # The best checkpoint's validation predictions come from its evaluation during training, if this process ran it.
     validation = evaluate(trainer, data["validation"], label_names, known=trainer.best_validation_prediction())
@@ -896,7 +898,9 @@ def run(args: argparse.Namespace, method: str = "full") -> dict[str, Any] | None
     sentences = len(data["train"].gold)
     # Real (non-padding) tokens trained on: every window's length, once per epoch (benchmarks/run_all.py).
     tokens = sum(len(feature["input_ids"]) for feature in data["train"].features) * args.epochs
+    tokens_squared = sum(len(feature["input_ids"]) ** 2 for feature in data["train"].features) * args.epochs
     train_stats = {"runtime_s": round(runtime, 2), "eval_time_s": round(eval_time, 2),
+                   **common.throughput_figures(shape, precision, train_time, tokens, tokens_squared),
                    "samples_per_s": round(len(data["train"].features) * args.epochs / train_time, 2),
                    "sentences_per_s": round(sentences * args.epochs / train_time, 2),
                    "tokens": round(tokens), "tokens_per_s": round(tokens / train_time, 1),

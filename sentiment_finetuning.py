@@ -391,6 +391,8 @@ def run(args: argparse.Namespace, method: str = "full") -> dict[str, Any] | None
               file=sys.stderr)
         return None
 
+    shape = common.matmul_shape(model, sequence_head=True)  # before anything unwraps the model
+
     # 4. Evaluate the best model on validation and test.
     best = trainer.best_validation_prediction()  # from its evaluation during training, if this process ran it
     validation = evaluate(trainer, datasets["validation"], label_names, prediction=best[0] if best else None)
@@ -402,9 +404,12 @@ def run(args: argparse.Namespace, method: str = "full") -> dict[str, Any] | None
     eval_time = sum(float(r.get("eval_runtime", 0)) for r in records)
     # Real (non-padding) tokens trained on: every input's length, once per epoch (benchmarks/run_all.py).
     tokens = sum(len(row["input_ids"]) for row in datasets["train"]) * args.epochs
+    tokens_squared = sum(len(row["input_ids"]) ** 2 for row in datasets["train"]) * args.epochs
+    train_time = max(runtime - eval_time, 1e-6)  # throughput counts training steps only
     train_stats = {"runtime_s": round(runtime, 2), "eval_time_s": round(eval_time, 2),
-                   "samples_per_s": round(len(datasets["train"]) * args.epochs / max(runtime - eval_time, 1e-6), 2),
-                   "tokens": round(tokens), "tokens_per_s": round(tokens / max(runtime - eval_time, 1e-6), 1),
+                   "samples_per_s": round(len(datasets["train"]) * args.epochs / train_time, 2),
+                   "tokens": round(tokens), "tokens_per_s": round(tokens / train_time, 1),
+                   **common.throughput_figures(shape, precision, train_time, tokens, tokens_squared),
                    "steps": result.global_step, "examples": len(datasets["train"]), "epochs": args.epochs,
                    "final_loss": round(result.training_loss, 4), "peak_rss_mb": common.peak_rss_mb(),
                    "wall_time_s": round(time.perf_counter() - started, 2)}

@@ -674,7 +674,8 @@ def report(metrics: dict[str, Any], output_dir: Path) -> None:
     print(f"            {common.describe_parameters(metrics['params'])}")
     train = metrics["train"]
     print(f"training    {train['runtime_s']:.1f} s, {train['steps']} steps, {train['tokens_per_s']:.0f} tokens/s, "
-          f"peak memory {train['peak_rss_mb']:.0f} MB")
+          f"peak memory {train['peak_rss_mb']:.0f} MB"
+          + (f", model FLOPs utilisation {train['mfu']:.1%}" if train.get("mfu") is not None else ""))
     change = 100 * (metrics["perplexity"] / metrics["perplexity_before"] - 1)
     print(f"perplexity  {metrics['perplexity_before']:.2f} before -> {metrics['perplexity']:.2f} after "
           f"({change:+.1f}%) on {metrics['validation']['tokens']:,} validation tokens")
@@ -752,6 +753,8 @@ def main() -> int:
         print(f"\ntraining interrupted; checkpoint saved. Resume with:\n  {common.resume_command(output_dir)}", file=sys.stderr)
         return 130
 
+    shape = common.matmul_shape(model)  # before --merge-adapter unloads the adapters
+
     # 5. Perplexity and samples after training.
     common.restore_attention(model)
     after = perplexity(model, blocks["validation"], args.eval_batch_size, pad_id, precision, not args.no_chunked_loss)
@@ -776,7 +779,9 @@ def main() -> int:
     trained_tokens = trained_blocks * block_size
     train_stats = {"runtime_s": round(runtime, 2), "steps": result.global_step,
                    "samples_per_s": round(trained_blocks / runtime, 2),
-                   "tokens_per_s": round(trained_tokens / runtime, 1), "blocks": len(blocks["train"]),
+                   "tokens_per_s": round(trained_tokens / runtime, 1),
+                   **common.throughput_figures(shape, precision, runtime, trained_tokens, trained_tokens * block_size),
+                   "blocks": len(blocks["train"]),
                    "block_size": block_size, "final_loss": round(result.training_loss, 4),
                    "chunked_loss": trainer.used_chunked_loss, "fast_attention": fast_attention,
                    "peak_rss_mb": common.peak_rss_mb(), "wall_time_s": round(time.perf_counter() - started, 2)}

@@ -46,7 +46,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import common  # noqa: E402  (the project's helpers: only its bf16 check and the bundled-model paths)
+import common  # noqa: E402  (the project's helpers: its bf16 check, the bundled-model paths, FLOP counting)
 
 RECIPES = ("plain", "tuned")
 TASKS = ("classification", "ner", "causal-lm")
@@ -444,15 +444,8 @@ def run_causal_lm(args: argparse.Namespace) -> None:
 
 def flop_shape(task: str, model_name: str, gguf_file: str | None = None, lora_targets: list[str] | None = None,
                lora_r: int = 8) -> dict[str, int]:
-    """The figures a training-FLOP estimate needs, from the model built on the meta device (no
-    weights are loaded): layers, hidden size, and the weights of the matrix products every token
-    goes through, split into trainable and frozen (with LoRA the base weights are frozen).
-
-    Counted: every nn.Linear weight (attention, MLP, a token-level head, a causal LM's output
-    projection, which is a full matrix product even when tied to the input embeddings).
-    Not counted: embedding look-ups, norms and biases (no matrix product), and a sequence
-    classifier's pooler and classifier, which run once per sequence rather than per token.
-    """
+    """common.matmul_shape() of the task's model built on the meta device (no weights are
+    loaded), with LoRA adapters when `lora_targets` is given (the base weights then count as frozen)."""
     import torch
     from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification,
                               AutoModelForTokenClassification)
@@ -467,21 +460,7 @@ def flop_shape(task: str, model_name: str, gguf_file: str | None = None, lora_ta
 
             task_type = {"classification": "SEQ_CLS", "ner": "TOKEN_CLS", "causal-lm": "CAUSAL_LM"}[task]
             model = get_peft_model(model, LoraConfig(task_type=task_type, r=lora_r, target_modules=lora_targets))
-    trainable = frozen = 0
-    for name, module in model.named_modules():
-        if not isinstance(module, torch.nn.Linear) or "original_module" in name:  # PEFT's unused head copy
-            continue
-        if task == "classification" and any(part in ("pooler", "classifier", "score", "pre_classifier")
-                                            for part in name.split(".")):
-            continue
-        if module.weight.requires_grad:
-            trainable += module.weight.numel()
-        else:
-            frozen += module.weight.numel()
-    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd")
-    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer")
-    return {"layers": int(layers), "hidden": int(hidden), "matmul_params_trainable": trainable,
-            "matmul_params_frozen": frozen}
+    return common.matmul_shape(model, sequence_head=task == "classification")
 
 
 def main() -> int:

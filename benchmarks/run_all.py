@@ -204,31 +204,13 @@ def prepare_shakespeare(data_dir: Path, work: Path) -> dict[str, Path]:
 # --------------------------------------------------------------------------------------------
 
 
-def measure_peak(repeats: int, size: int = 2048) -> dict[str, float]:
-    """GFLOP/s of a size x size matrix product per precision: the best of `repeats` timings (the
-    machine's practical peak, the denominator of MFU)."""
+def measure_peak(repeats: int) -> dict[str, float]:
+    """GFLOP/s of a 2048x2048 matrix product per precision (common.matmul_peak_gflops): the
+    machine's practical peak, the denominator of MFU."""
     import torch
 
-    cuda = torch.cuda.is_available()
-    device = "cuda" if cuda else "cpu"
-    inner = 20 if cuda else 2  # products per timing: enough to dwarf the timer's resolution
-    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, **({"fp16": torch.float16} if cuda else {})}
-    peak = {}
-    for name, dtype in dtypes.items():
-        a, b = (torch.randn(size, size, device=device).to(dtype) for _ in range(2))
-        out = torch.empty_like(a)
-        best = math.inf
-        for _ in range(repeats + 1):  # the first round warms up (thread pool, kernel choice)
-            if cuda:
-                torch.cuda.synchronize()
-            started = time.perf_counter()
-            for _ in range(inner):
-                torch.matmul(a, b, out=out)
-            if cuda:
-                torch.cuda.synchronize()
-            best = min(best, (time.perf_counter() - started) / inner)
-        peak[name] = round(2 * size ** 3 / best / 1e9, 1)
-    return peak
+    precisions = ("fp32", "bf16", "fp16") if torch.cuda.is_available() else ("fp32", "bf16")
+    return {name: common.matmul_peak_gflops(name, repeats) for name in precisions}
 
 
 def measure_peak_in_child(repeats: int, env: dict[str, str]) -> dict[str, float]:
@@ -423,12 +405,6 @@ def workload(task: str, files: dict[str, Path], args: argparse.Namespace, encode
     lengths = [len(ids) for ids in encoded["input_ids"]]
     return {"samples": round(len(lengths) * args.epochs), "tokens": round(sum(lengths) * args.epochs),
             "tokens_squared": round(sum(n * n for n in lengths) * args.epochs)}
-
-
-def training_flops(shape: dict[str, int], work: dict[str, int]) -> float:
-    """(6 x trainable + 4 x frozen matmul parameters) x tokens + 12 x layers x hidden x sum(len^2)."""
-    per_token = 6 * shape["matmul_params_trainable"] + 4 * shape["matmul_params_frozen"]
-    return per_token * work["tokens"] + 12 * shape["layers"] * shape["hidden"] * work["tokens_squared"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -696,7 +672,8 @@ def main() -> int:
             warnings.simplefilter("ignore")
             result["flop_shape"] = baselines.flop_shape(BASELINE_TASK[task], model["path"], model.get("gguf_file"),
                                                         lora["targets"] if lora else None, lora["r"] if lora else 8)
-        result["training_flops"] = training_flops(result["flop_shape"], result["workload"])
+        result["training_flops"] = common.training_flops(result["flop_shape"], result["workload"]["tokens"],
+                                                          result["workload"]["tokens_squared"])
         if lora:
             result["lora_text"] = f"r={lora['r']}, alpha={lora['alpha']:g}, targets {' '.join(lora['targets'])}"
         result["settings"] = {"epochs": args.epochs, "batch_size": args.lm_batch_size if task == "text-generation"

@@ -390,7 +390,7 @@ def test_metrics_schema(trained, ner_encoder):
     assert metrics["labels"] == ["O", "B-LOC", "I-LOC", "B-MISC", "I-MISC", "B-ORG", "I-ORG", "B-PER", "I-PER"]
     assert metrics["scheme"]["detected"] == {"train": "IOB2", "validation": "IOB2", "test": "IOB2"}
     assert metrics["scheme"]["converted_to"] == "IOB2"
-    for key in ("runtime_s", "samples_per_s", "sentences_per_s", "peak_rss_mb"):
+    for key in ("runtime_s", "samples_per_s", "sentences_per_s", "peak_rss_mb", "training_flops", "mfu"):
         assert metrics["train"][key] > 0
     assert metrics["train"]["examples"] == 307
     words = {split: sum(len(s.tokens) for s in ner.read_conll(str(DATA / "ner" / f"{split}.conll"), "x"))

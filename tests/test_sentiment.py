@@ -48,8 +48,11 @@ def test_metrics_schema(trained, tiny_encoder):
     assert metrics["model"] == str(tiny_encoder)
     assert metrics["precision"] in ("bf16", "fp32")
     assert metrics["params"]["trainable"] == metrics["params"]["total"] > 0
-    for key in ("runtime_s", "samples_per_s", "peak_rss_mb"):
+    for key in ("runtime_s", "samples_per_s", "peak_rss_mb", "training_flops", "model_tflops_per_s", "peak_tflops_per_s"):
         assert metrics["train"][key] > 0
+    train = metrics["train"]
+    assert train["mfu"] == pytest.approx(train["model_tflops_per_s"] / train["peak_tflops_per_s"], rel=1e-3)
+    assert 0 < train["mfu"] < 1
     for split, size in (("validation", 120), ("test", 120)):
         block = metrics[split]
         assert block["examples"] == size

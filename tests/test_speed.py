@@ -1,5 +1,6 @@
 """The speed settings that are on by default: FastDropout, length-grouped batches, the tuned allocator,
-the first-token last layer of classifiers and the kept embedding-gradient buffer.
+the first-token last layer of classifiers and the kept embedding-gradient buffer; and the FLOP
+accounting behind metrics.json's model FLOPs utilisation.
 (Their timings are benchmark figures, in BENCHMARKS.md; these tests check that they compute what
 they claim to.)"""
 
@@ -317,3 +318,58 @@ def test_embedding_gradient_buffer_is_skipped_for_frozen_embeddings_and_under_dd
     distributed = _tiny_classifier(tiny_encoder)
     assert not common.keep_embedding_gradient(distributed)
     assert not frozen.get_input_embeddings().sparse and not distributed.get_input_embeddings().sparse
+
+
+# ---- FLOP accounting (metrics.json's training_flops and mfu) ------------------------------------
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_matmul_shape_counts_the_per_token_matrix_products(tiny_encoder, lora):
+    from argparse import Namespace
+
+    import common
+    import sentiment_finetuning
+
+    model, fresh = sentiment_finetuning.build_model(common.ResolvedModel(str(tiny_encoder), "tiny"), ["neg", "pos"])
+    hidden, inner, layers = 32, 64, 2  # conftest's tiny BERT
+    per_layer = 4 * hidden * hidden + 2 * hidden * inner  # query, key, value, output; the two feed-forward matrices
+    if lora:
+        args = Namespace(lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_target_modules=None, use_rslora=False,
+                         use_dora=False)
+        model, _ = common.apply_lora(model, args, "SEQ_CLS", common.lora_head_modules(model, fresh))
+        adapters = layers * 2 * (4 * hidden + 4 * hidden)  # query and value: A (r x hidden) and B (hidden x r)
+        expected = {"matmul_params_trainable": adapters, "matmul_params_frozen": layers * per_layer}
+    else:
+        expected = {"matmul_params_trainable": layers * per_layer, "matmul_params_frozen": 0}
+    # the pooler and the classifier run once per sequence: not per-token work
+    assert common.matmul_shape(model, sequence_head=True) == {"layers": layers, "hidden": hidden, **expected}
+    with_head = common.matmul_shape(model)
+    head = hidden * hidden + 2 * hidden
+    assert with_head["matmul_params_trainable"] == expected["matmul_params_trainable"] + head
+
+
+def test_training_flops_and_mfu_follow_the_formula(monkeypatch):
+    import common
+
+    shape = {"layers": 2, "hidden": 8, "matmul_params_trainable": 100, "matmul_params_frozen": 50}
+    # (6 x 100 + 4 x 50) x 10 tokens + 12 x 2 x 8 x 40 (two sequences of lengths 2 and 6: 4 + 36)
+    assert common.training_flops(shape, 10, 40) == 800 * 10 + 12 * 2 * 8 * 40
+    monkeypatch.setattr(common, "matmul_peak_gflops", lambda precision: {"bf16": 4e-6}[precision])  # 4,000 FLOP/s
+    figures = common.throughput_figures(shape, "bf16", 4.0, 10, 40)
+    assert figures["training_flops"] == 15680
+    assert figures["model_tflops_per_s"] == 3.92e-09 and figures["peak_tflops_per_s"] == 4e-09
+    assert figures["mfu"] == 0.98  # 15,680 FLOPs in 4 s against 4,000 FLOP/s
+    monkeypatch.setenv("WORLD_SIZE", "2")  # one process of several cannot measure the machine's peak
+    assert common.throughput_figures(shape, "bf16", 4.0, 10, 40)["mfu"] is None
+
+
+def test_matmul_shape_counts_gpt2s_conv1d_projections_and_the_output_layer(tiny_gpt2):
+    from transformers import AutoModelForCausalLM
+
+    import common
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_gpt2)
+    hidden, layers, vocab = 32, 2, model.config.vocab_size  # conftest's tiny GPT-2 (inner size 4 x hidden)
+    per_layer = hidden * 3 * hidden + hidden * hidden + 2 * hidden * 4 * hidden  # c_attn, attn c_proj, c_fc, mlp c_proj
+    assert common.matmul_shape(model) == {"layers": layers, "hidden": hidden, "matmul_params_frozen": 0,
+                                          "matmul_params_trainable": layers * per_layer + vocab * hidden}

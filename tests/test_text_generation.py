@@ -107,7 +107,11 @@ def test_metrics_hold_perplexity_before_and_after(trained):
     assert metrics["eval_loss"] == pytest.approx(math.log(metrics["perplexity"]))
     assert metrics["params"]["trainable"] < metrics["params"]["total"]
     assert metrics["train"]["tokens_per_s"] > 0
-    assert "perplexity" in result.stdout and "reduction" in result.stdout
+    train = metrics["train"]
+    assert train["training_flops"] == pytest.approx(train["model_tflops_per_s"] * 1e12 * train["runtime_s"], rel=1e-2)
+    assert train["mfu"] == pytest.approx(train["model_tflops_per_s"] / train["peak_tflops_per_s"], rel=1e-2)
+    assert 0 < train["mfu"] < 1
+    assert "perplexity" in result.stdout and "reduction" in result.stdout and "model FLOPs utilisation" in result.stdout
 
 
 # ---- the chunked training loss ------------------------------------------------------------------
