@@ -77,6 +77,11 @@ def process_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def world_size() -> int:
+    """How many processes train together under torchrun or accelerate launch (they set WORLD_SIZE), else 1."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def is_main_process() -> bool:
     """True in a plain run, and in the rank-0 process of a distributed one: the only process that
     writes files (model, metrics, run config, log, plot) and prints the report."""
@@ -834,7 +839,8 @@ def throughput_figures(shape: dict[str, int], precision: str, train_seconds: flo
     holds only part of the machine) and MFU is null."""
     flops = training_flops(shape, tokens, tokens_squared)
     achieved = flops / max(train_seconds, 1e-6)
-    peak = matmul_peak_gflops(precision) * 1e9 if int(os.environ.get("WORLD_SIZE", "1")) == 1 else None
+    peak = matmul_peak_gflops(precision) * 1e9 if world_size() == 1 else None
+
     def rounded(value: float) -> float:  # 4 significant digits: a tiny test model's MFU is far below 1e-4
         return float(f"{value:.4g}")
 
@@ -1033,7 +1039,7 @@ def keep_embedding_gradient(model) -> bool:
     embedding = model.get_input_embeddings()
     if (type(embedding) is not torch.nn.Embedding or not embedding.weight.requires_grad
             or embedding.max_norm is not None or torch.cuda.is_available()
-            or int(os.environ.get("WORLD_SIZE", "1")) > 1):
+            or world_size() > 1):
         return False
     embedding.sparse = True
     buffer = torch.zeros_like(embedding.weight)
@@ -1406,7 +1412,7 @@ def resume_command(output_dir: Path) -> str:
     argv = [a for a in argv if not a.startswith("--resume-from-checkpoint=")]
     # A distributed run resumes with as many processes (the data order and the per-process batches
     # depend on it); torchrun and accelerate launch both set these variables.
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = world_size()
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     launcher = ["python"] if world <= 1 else (
         ["torchrun", f"--nproc_per_node={per_node}"]

@@ -897,8 +897,8 @@ def run(args: argparse.Namespace, method: str = "full") -> dict[str, Any] | None
     train_time = max(runtime - eval_time, 1e-6)  # throughput counts training steps only
     sentences = len(data["train"].gold)
     # Real (non-padding) tokens trained on: every window's length, once per epoch (benchmarks/run_all.py).
-    tokens = sum(len(feature["input_ids"]) for feature in data["train"].features) * args.epochs
-    tokens_squared = sum(len(feature["input_ids"]) ** 2 for feature in data["train"].features) * args.epochs
+    lengths = [len(feature["input_ids"]) for feature in data["train"].features]
+    tokens, tokens_squared = sum(lengths) * args.epochs, sum(n * n for n in lengths) * args.epochs
     train_stats = {"runtime_s": round(runtime, 2), "eval_time_s": round(eval_time, 2),
                    **common.throughput_figures(shape, precision, train_time, tokens, tokens_squared),
                    "samples_per_s": round(len(data["train"].features) * args.epochs / train_time, 2),

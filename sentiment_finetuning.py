@@ -403,8 +403,8 @@ def run(args: argparse.Namespace, method: str = "full") -> dict[str, Any] | None
     records = common.read_jsonl(output_dir / common.TRAINING_LOG_FILE)
     eval_time = sum(float(r.get("eval_runtime", 0)) for r in records)
     # Real (non-padding) tokens trained on: every input's length, once per epoch (benchmarks/run_all.py).
-    tokens = sum(len(row["input_ids"]) for row in datasets["train"]) * args.epochs
-    tokens_squared = sum(len(row["input_ids"]) ** 2 for row in datasets["train"]) * args.epochs
+    lengths = [len(row["input_ids"]) for row in datasets["train"]]
+    tokens, tokens_squared = sum(lengths) * args.epochs, sum(n * n for n in lengths) * args.epochs
     train_time = max(runtime - eval_time, 1e-6)  # throughput counts training steps only
     train_stats = {"runtime_s": round(runtime, 2), "eval_time_s": round(eval_time, 2),
                    "samples_per_s": round(len(datasets["train"]) * args.epochs / train_time, 2),

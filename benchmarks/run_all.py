@@ -474,9 +474,11 @@ def rounds_table(task: str, result: dict[str, Any]) -> list[str]:
         if compare:
             project, tuned = rows.get("project"), rows.get("tuned")
             pair = speedups(project, tuned) if project and tuned and "error" not in project and "error" not in tuned else None
-            if pair and None not in pair:
+            if pair is None or None in pair:
+                cells.append("—")
+            else:
                 ratios.append(pair)
-            cells.append(f"{pair[0]:.2f}x / {pair[1]:.2f}x" if pair and None not in pair else "—")
+                cells.append(f"{pair[0]:.2f}x / {pair[1]:.2f}x")
         lines.append(f"| {number} | " + " | ".join(cells) + " |")
     if ratios:
         lines += ["", f"Median of the {len(ratios)} rounds' speed-ups over (b): "
