@@ -885,13 +885,13 @@ def run(args: argparse.Namespace, method: str = "full") -> dict[str, Any] | None
 
     shape = common.matmul_shape(model)  # before anything unwraps the model
 
-    # 4. Evaluate the best model on validation and test, per word.
+    # 4. Save the best model (or adapter) as soon as it is known, before anything else can fail.
+    common.save_trained(trainer, tokenizer, output_dir, args.keep_checkpoints)
+
+    # 5. Evaluate it on validation and test, per word; metrics and logs; then report.
     # The best checkpoint's validation predictions come from its evaluation during training, if this process ran it.
     validation = evaluate(trainer, data["validation"], label_names, known=trainer.best_validation_prediction())
     test = evaluate(trainer, data["test"], label_names) if "test" in data else None
-
-    # 5. Save the model (or adapter), metrics and logs; then report.
-    common.save_trained(trainer, tokenizer, output_dir, args.keep_checkpoints)
     records = common.read_jsonl(output_dir / common.TRAINING_LOG_FILE)
     eval_time = sum(float(r.get("eval_runtime", 0)) for r in records)
     train_time = max(runtime - eval_time, 1e-6)  # throughput counts training steps only

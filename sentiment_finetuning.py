@@ -393,13 +393,13 @@ def run(args: argparse.Namespace, method: str = "full") -> dict[str, Any] | None
 
     shape = common.matmul_shape(model, sequence_head=True)  # before anything unwraps the model
 
-    # 4. Evaluate the best model on validation and test.
+    # 4. Save the best model (or adapter) as soon as it is known, before anything else can fail.
+    common.save_trained(trainer, tokenizer, output_dir, args.keep_checkpoints)
+
+    # 5. Evaluate it on validation and test; metrics and logs; then report.
     best = trainer.best_validation_prediction()  # from its evaluation during training, if this process ran it
     validation = evaluate(trainer, datasets["validation"], label_names, prediction=best[0] if best else None)
     test = evaluate(trainer, datasets["test"], label_names) if "test" in datasets else None
-
-    # 5. Save the model (or adapter), metrics and logs; then report.
-    common.save_trained(trainer, tokenizer, output_dir, args.keep_checkpoints)
     records = common.read_jsonl(output_dir / common.TRAINING_LOG_FILE)
     eval_time = sum(float(r.get("eval_runtime", 0)) for r in records)
     # Real (non-padding) tokens trained on: every input's length, once per epoch (benchmarks/run_all.py).

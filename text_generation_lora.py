@@ -439,12 +439,12 @@ def decoding_weights(model, dtype):
 
 
 def _mergeable_lora(module) -> bool:
-    """Whether a peft LoRA layer is a linear one, unmerged and active, whose update is the plain
-    (B @ A) * scale (no DoRA)."""
+    """Whether a peft LoRA layer is a linear one, unmerged and active (not switched off by
+    disable_adapter()), whose update is the plain (B @ A) * scale (no DoRA)."""
     from peft.tuners.lora import Linear
 
-    return isinstance(module, Linear) and not module.merged and bool(module.active_adapters) and \
-        not any(module.use_dora.get(name, False) for name in module.active_adapters)
+    return isinstance(module, Linear) and not module.merged and not module.disable_adapters \
+        and bool(module.active_adapters) and not any(module.use_dora.get(name, False) for name in module.active_adapters)
 
 
 def generate_from_saved(args: argparse.Namespace) -> None:
@@ -737,12 +737,19 @@ def main() -> int:
         # Under torchrun each process has its own GPU (LOCAL_RANK); the Trainer uses the same one.
         model.to(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
 
-    # 4. Perplexity and samples before training.
+    # 4. Perplexity and samples before training. LoRA leaves the base weights as they are, so it
+    # measures them after training with the adapters switched off, once the adapter is saved; full
+    # fine-tuning changes them and measures now.
     pad_id = tokenizer.pad_token_id
-    before = perplexity(model, blocks["validation"], args.eval_batch_size, pad_id, precision, not args.no_chunked_loss)
-    print(f"perplexity before training: {before['perplexity']:.2f}")
     prompts = read_prompts(args, default=not (args.train_file or args.dataset)) or sample_prompts(tokenizer, validation_docs or train_docs)
-    samples_before = generate(model, tokenizer, prompts, args, precision)
+
+    def measure(when: str) -> tuple[dict[str, float], list[list[str]]]:
+        result = perplexity(model, blocks["validation"], args.eval_batch_size, pad_id, precision, not args.no_chunked_loss)
+        print(f"perplexity {when} training: {result['perplexity']:.2f}")
+        return result, generate(model, tokenizer, prompts, args, precision)
+
+    if args.full:
+        before, samples_before = measure("before")
 
     common.save_run_config(output_dir, args, {"model": resolved.name, "model_path": resolved.path,
                                               "gguf_file": resolved.gguf_file, "precision": precision,
@@ -754,18 +761,18 @@ def main() -> int:
         return 130
 
     shape = common.matmul_shape(model)  # before --merge-adapter unloads the adapters
-
-    # 5. Perplexity and samples after training.
     common.restore_attention(model)
-    after = perplexity(model, blocks["validation"], args.eval_batch_size, pad_id, precision, not args.no_chunked_loss)
-    samples_after = generate(model, tokenizer, prompts, args, precision)
 
-    # 6. Save adapter or model, merged model, samples, metrics.
-    def save(staging: Path) -> None:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        write_samples(staging / SAMPLES_FILE, prompts, samples_before, samples_after, method)
-    common.save_atomically(output_dir, save)
+    # 5. Save the adapter (or model) as soon as it is trained, before anything else can fail.
+    common.save_atomically(output_dir, lambda staging: (model.save_pretrained(staging), tokenizer.save_pretrained(staging)))
+
+    # 6. Perplexity and samples (before, for LoRA; after), the merged model, metrics.
+    if not args.full:
+        with model.disable_adapter():
+            before, samples_before = measure("before")
+    after, samples_after = measure("after")
+    common.save_atomically(output_dir, lambda staging: write_samples(staging / SAMPLES_FILE, prompts, samples_before,
+                                                                     samples_after, method))
     if args.merge_adapter and not args.full:
         merged = model.merge_and_unload()
         common.save_atomically(output_dir, lambda staging: (

@@ -92,7 +92,7 @@ def test_validation_figures_are_those_of_the_saved_model(tiny_encoder, tmp_path)
     labels = torch.tensor([model.config.label2id[row["label"]] for row in rows])
     with torch.inference_mode():
         logits = model(**tokenizer([row["text"] for row in rows], padding=True, return_tensors="pt")).logits
-    assert metrics["validation"]["accuracy"] == (logits.argmax(-1) == labels).float().mean().item()
+    assert metrics["validation"]["accuracy"] == (logits.argmax(-1) == labels).double().mean().item()
     assert metrics["validation"]["loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, labels).item(),
                                                           rel=1e-4)
     assert metrics["validation"]["loss"] == pytest.approx(min(r["eval_loss"] for r in log if "eval_loss" in r),

@@ -114,7 +114,33 @@ def test_metrics_hold_perplexity_before_and_after(trained):
     assert "perplexity" in result.stdout and "reduction" in result.stdout and "model FLOPs utilisation" in result.stdout
 
 
+def test_lora_scores_and_samples_the_base_model_for_before(trained, tiny_gpt2):
+    """LoRA measures 'before' after training, with the adapters switched off: exactly the base model."""
+    from transformers import AutoModelForCausalLM
+
+    import text_generation_lora as script
+
+    output_dir, metrics, result = trained
+    assert result.stdout.index("saved to") > 0 and "perplexity before training" in result.stdout
+    args = script.parse_args(["--model-name", str(tiny_gpt2), "--output-dir", str(output_dir), *FAST])
+    train_docs, validation_docs, _ = script.load_documents(args)
+    tokenizer = tokenizer_for(tiny_gpt2)
+    blocks = script.build_blocks(args, tokenizer, train_docs, validation_docs, metrics["train"]["block_size"])
+    base = AutoModelForCausalLM.from_pretrained(tiny_gpt2)
+    expected = script.perplexity(base, blocks["validation"], args.eval_batch_size, tokenizer.pad_token_id,
+                                 metrics["precision"])
+    assert metrics["perplexity_before"] == pytest.approx(expected["perplexity"], rel=1e-4)
+    prompts = script.read_prompts(args, default=True)
+    samples = (output_dir / "samples.md").read_text()
+    base_sections = [section.split("### Fine-tuned")[0] for section in samples.split("## Prompt: ")[1:]]
+    expected_samples = script.generate(base, tokenizer, prompts, args, metrics["precision"])
+    assert len(base_sections) == len(prompts) == len(expected_samples)
+    for prompt, texts, section in zip(prompts, expected_samples, base_sections):
+        assert all(f"```text\n{prompt}{text}\n```" in section for text in texts)
+
+
 # ---- the chunked training loss ------------------------------------------------------------------
+
 
 
 def tiny_llama(vocab_size: int):
