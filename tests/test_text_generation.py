@@ -93,7 +93,7 @@ def test_perplexity_matches_a_hand_computation_and_ignores_batch_size(tiny_gpt2,
             nll -= sum(float(log_probs[i, block[i + 1]]) for i in range(len(block) - 1))
             count += len(block) - 1
     expected = math.exp(nll / count)
-    monkeypatch.setattr(script, "loss_chunk_rows", lambda vocabulary: 4)  # several chunks per batch
+    monkeypatch.setattr(script, "loss_chunk_rows", lambda vocabulary, on_gpu=False: 4)  # several chunks per batch
     for batch_size in (1, 2, 3):
         result = script.perplexity(model, blocks, batch_size, pad_id=0, precision="fp32", chunked_loss=chunked_loss)
         assert result["tokens"] == count == 12
@@ -142,6 +142,17 @@ def test_lora_scores_and_samples_the_base_model_for_before(trained, tiny_gpt2):
 # ---- the chunked training loss ------------------------------------------------------------------
 
 
+def test_loss_chunks_fit_their_memory_budget():
+    import common
+    import text_generation_lora as script
+
+    for vocabulary in (400, 49152, 50257):
+        cpu, gpu = script.loss_chunk_rows(vocabulary), script.loss_chunk_rows(vocabulary, on_gpu=True)
+        assert 16 <= cpu <= 512 and (cpu == 16 or cpu * vocabulary * 4 <= common.LARGEST_MMAP_THRESHOLD)
+        assert cpu <= gpu <= 8192 and gpu * vocabulary * 4 <= script.GPU_LOSS_CHUNK_BYTES
+        assert gpu == 8192 or 2 * gpu * vocabulary * 4 > script.GPU_LOSS_CHUNK_BYTES  # the most that fits
+    assert script.loss_chunk_rows(49152) == 128 and script.loss_chunk_rows(49152, on_gpu=True) == 2048
+
 
 def tiny_llama(vocab_size: int):
     import torch
@@ -164,7 +175,7 @@ def test_chunked_loss_equals_the_models_loss_and_gradients(tiny_gpt2, architectu
     import common
     import text_generation_lora as script
 
-    monkeypatch.setattr(script, "loss_chunk_rows", lambda vocabulary: 7)  # several chunks, the last one partial
+    monkeypatch.setattr(script, "loss_chunk_rows", lambda vocabulary, on_gpu=False: 7)  # several chunks, the last one partial
     model = AutoModelForCausalLM.from_pretrained(tiny_gpt2) if architecture == "gpt2" else tiny_llama(400)
     if method == "lora":
         lora = argparse.Namespace(lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_target_modules=None,
