@@ -443,8 +443,9 @@ def _mergeable_lora(module) -> bool:
     disable_adapter()), whose update is the plain (B @ A) * scale (no DoRA)."""
     from peft.tuners.lora import Linear
 
-    return isinstance(module, Linear) and not module.merged and not module.disable_adapters \
-        and bool(module.active_adapters) and not any(module.use_dora.get(name, False) for name in module.active_adapters)
+    active = module.active_adapters
+    return isinstance(module, Linear) and not module.merged and not module.disable_adapters and bool(active) \
+        and not any(module.use_dora.get(name, False) for name in active)
 
 
 def generate_from_saved(args: argparse.Namespace) -> None:
@@ -752,7 +753,8 @@ def main() -> int:
     prompts = read_prompts(args, default=not (args.train_file or args.dataset)) or sample_prompts(tokenizer, validation_docs or train_docs)
 
     def measure(when: str) -> tuple[dict[str, float], list[list[str]]]:
-        result = perplexity(model, blocks["validation"], args.eval_batch_size, pad_id, precision, not args.no_chunked_loss)
+        result = perplexity(model, blocks["validation"], args.eval_batch_size, pad_id, precision,
+                            not args.no_chunked_loss)
         print(f"perplexity {when} training: {result['perplexity']:.2f}")
         return result, generate(model, tokenizer, prompts, args, precision)
 
@@ -772,7 +774,8 @@ def main() -> int:
     common.restore_attention(model)
 
     # 5. Save the adapter (or model) as soon as it is trained, before anything else can fail.
-    common.save_atomically(output_dir, lambda staging: (model.save_pretrained(staging), tokenizer.save_pretrained(staging)))
+    common.save_atomically(output_dir, lambda staging: (model.save_pretrained(staging),
+                                                        tokenizer.save_pretrained(staging)))
 
     # 6. Perplexity and samples (before, for LoRA; after), the merged model, metrics.
     if not args.full:

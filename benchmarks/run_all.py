@@ -5,6 +5,7 @@
     python benchmarks/run_all.py --quick   # a smoke test with tiny sizes (3-5 minutes on 2 quiet cores)
     python benchmarks/run_all.py --tasks sentiment ner --runs project tuned
     python benchmarks/run_all.py --tasks sentiment --runs project tuned --rounds 3   # alternating repeats
+    python benchmarks/run_all.py --encoder DIR --causal-lm DIR   # other models than the bundled ones
 
 For each task (sentiment, ner, lora, text-generation) it runs, one after the other and each in its
 own process (so that wall time and peak memory are each run's own):
@@ -139,11 +140,13 @@ def parse_args() -> argparse.Namespace:
     shared.add_argument("--lm-batch-size", type=int, default=8, help="Training batch size (text generation).")
     shared.add_argument("--max-length", type=int, default=128, help="Token limit per input (encoder tasks).")
     shared.add_argument("--seed", type=int, default=42)
-    shared.add_argument("--encoder", help="Model of the sentiment, NER and LoRA runs: a local directory, or a hub name "
-                                          "already in the local cache (the runs are timed offline). Default: the "
-                                          "bundled all-MiniLM-L6-v2. The learning rates stay those of the bundled models.")
-    shared.add_argument("--causal-lm", help="Model of the text-generation runs, likewise. Default: the bundled "
-                                            f"SmolLM2-135M-Instruct GGUF file ({LM_NAME}), converted once before the runs.")
+    shared.add_argument("--encoder",
+                        help="Model of the sentiment, NER and LoRA runs: a local directory, or a hub name already in "
+                             "the local cache (the runs are timed offline). Default: the bundled all-MiniLM-L6-v2. "
+                             "The learning rates stay those of the bundled models.")
+    shared.add_argument("--causal-lm",
+                        help="Model of the text-generation runs, likewise. Default: the bundled SmolLM2-135M-Instruct "
+                             f"GGUF file ({LM_NAME}), converted once before the runs.")
     parser.add_argument("--rounds", type=common.positive_int, default=1,
                         help="Run each task's runs this many times, alternating (project, (b), (a), project, "
                              "...): single runs on a shared virtual machine vary by 10%% or more. The main table "
@@ -459,7 +462,8 @@ def task_table(task: str, result: dict[str, Any]) -> list[str]:
         mark = " *" if row.get("extrapolated") else ""
         lines.append(
             f"| {RUN_LABELS[run]} | {row['precision']} | {fmt_seconds(row['end_to_end_s'])}{mark} | "
-            f"{fmt_seconds(row['process_s'])}{mark} | {fmt_seconds(row['train_s'])}{mark} | {row['samples_per_s']:,.1f} | {row['tokens_per_s']:,.0f} | "
+            f"{fmt_seconds(row['process_s'])}{mark} | {fmt_seconds(row['train_s'])}{mark} | "
+            f"{row['samples_per_s']:,.1f} | {row['tokens_per_s']:,.0f} | "
             f"{row['peak_rss_mb']:,.0f} MB | {quality_text(task, row)} | "
             f"{'—' if row.get('mfu') is None else format(row['mfu'], '.1%')} | {speedup} |")
     return lines

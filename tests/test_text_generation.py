@@ -175,7 +175,8 @@ def test_chunked_loss_equals_the_models_loss_and_gradients(tiny_gpt2, architectu
     import common
     import text_generation_lora as script
 
-    monkeypatch.setattr(script, "loss_chunk_rows", lambda vocabulary, on_gpu=False: 7)  # several chunks, the last one partial
+    # Several chunks, the last one partial.
+    monkeypatch.setattr(script, "loss_chunk_rows", lambda vocabulary, on_gpu=False: 7)
     model = AutoModelForCausalLM.from_pretrained(tiny_gpt2) if architecture == "gpt2" else tiny_llama(400)
     if method == "lora":
         lora = argparse.Namespace(lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_target_modules=None,
