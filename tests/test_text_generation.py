@@ -114,14 +114,23 @@ def test_metrics_hold_perplexity_before_and_after(trained):
     assert "perplexity" in result.stdout and "reduction" in result.stdout and "model FLOPs utilisation" in result.stdout
 
 
-def test_lora_scores_and_samples_the_base_model_for_before(trained, tiny_gpt2):
-    """LoRA measures 'before' after training, with the adapters switched off: exactly the base model."""
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_before_figures_are_the_base_models(method, trained, tiny_gpt2, tmp_path):
+    """'Before' is the base model's perplexity and samples: LoRA measures them after training (the
+    adapter saved first) with the adapters switched off, full fine-tuning before training."""
     from transformers import AutoModelForCausalLM
 
     import text_generation_lora as script
 
-    output_dir, metrics, result = trained
-    assert result.stdout.index("saved to") > 0 and "perplexity before training" in result.stdout
+    if method == "lora":
+        output_dir, metrics, _ = trained
+    else:
+        output_dir = tmp_path / "full"
+        result = run_script(SCRIPT, "--model-name", tiny_gpt2, "--output-dir", output_dir, *FAST, "--full")
+        assert result.returncode == 0, result.stdout + result.stderr
+        metrics = json.loads((output_dir / "metrics.json").read_text())
+        assert metrics["method"] == "full" and (output_dir / "model.safetensors").is_file()
+    assert metrics["perplexity_before"] > metrics["perplexity"]
     args = script.parse_args(["--model-name", str(tiny_gpt2), "--output-dir", str(output_dir), *FAST])
     train_docs, validation_docs, _ = script.load_documents(args)
     tokenizer = tokenizer_for(tiny_gpt2)
