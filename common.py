@@ -822,6 +822,12 @@ def matmul_shape(model, sequence_head: bool = False) -> dict[str, int]:
             "matmul_params_trainable": trainable, "matmul_params_frozen": frozen}
 
 
+def token_totals(lengths: Sequence[int], epochs: float) -> tuple[float, float]:
+    """training_flops()'s token figures for `epochs` passes over sequences of `lengths` real tokens:
+    the tokens, and the sum of the squared lengths (attention)."""
+    return sum(lengths) * epochs, sum(n * n for n in lengths) * epochs
+
+
 def training_flops(shape: dict[str, int], tokens: float, tokens_squared: float) -> float:
     """Model FLOPs of training on `tokens` real tokens whose sequences' squared lengths sum to
     `tokens_squared`: (6 x trainable + 4 x frozen matmul weights) x tokens (forward 2, input

@@ -898,7 +898,7 @@ def run(args: argparse.Namespace, method: str = "full") -> dict[str, Any] | None
     sentences = len(data["train"].gold)
     # Real (non-padding) tokens trained on: every window's length, once per epoch (benchmarks/run_all.py).
     lengths = [len(feature["input_ids"]) for feature in data["train"].features]
-    tokens, tokens_squared = sum(lengths) * args.epochs, sum(n * n for n in lengths) * args.epochs
+    tokens, tokens_squared = common.token_totals(lengths, args.epochs)
     train_stats = {"runtime_s": round(runtime, 2), "eval_time_s": round(eval_time, 2),
                    **common.throughput_figures(shape, precision, train_time, tokens, tokens_squared),
                    "samples_per_s": round(len(data["train"].features) * args.epochs / train_time, 2),

@@ -404,7 +404,7 @@ def run(args: argparse.Namespace, method: str = "full") -> dict[str, Any] | None
     eval_time = sum(float(r.get("eval_runtime", 0)) for r in records)
     # Real (non-padding) tokens trained on: every input's length, once per epoch (benchmarks/run_all.py).
     lengths = [len(row["input_ids"]) for row in datasets["train"]]
-    tokens, tokens_squared = sum(lengths) * args.epochs, sum(n * n for n in lengths) * args.epochs
+    tokens, tokens_squared = common.token_totals(lengths, args.epochs)
     train_time = max(runtime - eval_time, 1e-6)  # throughput counts training steps only
     train_stats = {"runtime_s": round(runtime, 2), "eval_time_s": round(eval_time, 2),
                    "samples_per_s": round(len(datasets["train"]) * args.epochs / train_time, 2),

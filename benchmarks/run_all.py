@@ -414,8 +414,8 @@ def workload(task: str, files: dict[str, Path], args: argparse.Namespace, encode
         texts, _ = baselines.read_tsv(str(files["train"]))
         encoded = tokenizer(texts, truncation=True, max_length=args.max_length)
     lengths = [len(ids) for ids in encoded["input_ids"]]
-    return {"samples": round(len(lengths) * args.epochs), "tokens": round(sum(lengths) * args.epochs),
-            "tokens_squared": round(sum(n * n for n in lengths) * args.epochs)}
+    tokens, tokens_squared = common.token_totals(lengths, args.epochs)
+    return {"samples": round(len(lengths) * args.epochs), "tokens": round(tokens), "tokens_squared": round(tokens_squared)}
 
 
 # --------------------------------------------------------------------------------------------
