@@ -1090,8 +1090,39 @@ def keep_embedding_gradient(model) -> bool:
         if len(rows_written) > 64:  # zero_grad(set_to_none=False) callers never hand the buffer back
             rows_written[:] = [torch.unique(torch.cat(rows_written))]
 
+    def written_rows():
+        """The rows of the gradient written since it was last zeroed (sorted, each once), or None
+        when the buffer is not the current gradient. Every other row of the gradient is zero."""
+        if embedding.weight.grad is not buffer or not rows_written:
+            return None
+        return torch.unique(torch.cat(rows_written))
+
     embedding.register_forward_pre_hook(install_buffer)
+    embedding.written_rows = written_rows  # for the Trainer's gradient clipping
     return True
+
+
+def written_embedding_rows(model):
+    """The written rows of a word-embedding gradient kept by keep_embedding_gradient(), else None."""
+    input_embeddings = getattr(model, "get_input_embeddings", None)  # not on a DDP wrapper
+    written_rows = getattr(input_embeddings(), "written_rows", None) if input_embeddings else None
+    return written_rows() if written_rows is not None else None
+
+
+def clip_gradients_by_rows(model, rows, max_norm: float):
+    """torch.nn.utils.clip_grad_norm_ for a model whose word-embedding gradient is zero outside
+    `rows`: the norm and the scaling read only those rows of it (not all 47 MB of MiniLM's), for
+    the same total norm and the same clipped gradients. Returns the total norm before clipping."""
+    import torch
+
+    weight = model.get_input_embeddings().weight
+    parameters = [p for p in model.parameters() if p.grad is not None and p is not weight]
+    row_gradients = weight.grad.index_select(0, rows)
+    total = torch.nn.utils.get_total_norm([p.grad for p in parameters] + [row_gradients])
+    torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total)
+    coefficient = torch.clamp(max_norm / (total + 1e-6), max=1.0)  # clip_grads_with_norm_'s own formula
+    weight.grad.index_copy_(0, rows, row_gradients.mul_(coefficient))
+    return total
 
 
 def _cpu_training_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
@@ -1177,6 +1208,7 @@ def make_trainer_class(base, length_grouping: bool = True, fresh_parameters: Seq
       in the pretrained checkpoint) learn `head_lr_multiplier` times faster than the pretrained
       body, so a randomly initialised head catches up with the body within a few steps instead of
       dragging the pretrained features around while it is still random.
+    Gradient clipping reads only the written rows of a kept word-embedding gradient (same result).
     """
     import torch
 
@@ -1234,6 +1266,12 @@ def make_trainer_class(base, length_grouping: bool = True, fresh_parameters: Seq
             lengths = [len(example["input_ids"]) for example in dataset]
             batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
             return LengthGroupedSampler(lengths, batch, self.args.seed)
+
+        def _clip_grad_norm(self, model):
+            rows = written_embedding_rows(model)
+            if rows is None:
+                return super()._clip_grad_norm(model)
+            return clip_gradients_by_rows(model, rows, self.args.max_grad_norm)
 
         def create_optimizer(self, model=None):
             if self.optimizer is not None or head_lr_multiplier == 1.0 or not fresh:

@@ -343,6 +343,45 @@ def test_embedding_gradient_buffer_is_skipped_for_frozen_embeddings_and_under_dd
     assert not frozen.get_input_embeddings().sparse and not distributed.get_input_embeddings().sparse
 
 
+@pytest.mark.parametrize("max_norm", [1e-3, 1e3], ids=["clipped", "not-clipped"])
+def test_clipping_by_written_rows_equals_clip_grad_norm(tiny_encoder, max_norm):
+    """The Trainer's clipping reads only the written rows of the kept embedding gradient: the
+    same total norm and the same clipped gradients as torch's clip_grad_norm_ over everything."""
+    import torch
+
+    import common
+
+    models = [_tiny_classifier(tiny_encoder), _tiny_classifier(tiny_encoder)]
+    input_ids = torch.randint(5, 100, (4, 6), generator=torch.Generator().manual_seed(0))
+    for model in models:
+        assert common.keep_embedding_gradient(model)
+        model(input_ids=input_ids, labels=input_ids[:, 0] % 3).loss.backward()
+    rows = common.written_embedding_rows(models[1])
+    assert torch.equal(rows, input_ids.unique())
+    expected = torch.nn.utils.clip_grad_norm_(models[0].parameters(), max_norm)
+    total = common.clip_gradients_by_rows(models[1], rows, max_norm)
+    torch.testing.assert_close(total, expected)
+    for (name, reference), actual in zip(models[0].named_parameters(), models[1].parameters()):
+        torch.testing.assert_close(actual.grad, reference.grad, msg=name)
+    assert bool(expected > max_norm) is (max_norm < 1)  # one case clips, the other does not
+
+
+def test_trainer_with_the_embedding_gradient_buffer_logs_the_same_training(tiny_encoder, tmp_path):
+    """Through the Trainer (its clipping then reads only the written rows): the same losses and
+    gradient norms, step by step, as with the library's fresh dense gradients."""
+    logs = {}
+    for flags in ((), ("--no-embedding-grad-buffer",)):
+        output_dir = tmp_path / ("fresh" if flags else "kept")
+        result = run_script("sentiment_finetuning.py", "--model-name", tiny_encoder, "--output-dir", output_dir,
+                            "--epochs", "1", "--batch-size", "8", "--learning-rate", "1e-3", "--fp32", *flags)
+        assert result.returncode == 0, result.stderr
+        records = [json.loads(line) for line in (output_dir / "training_log.jsonl").read_text().splitlines()]
+        logs[flags] = [value for r in records if "grad_norm" in r for value in (r["loss"], r["grad_norm"])]
+    kept, fresh = logs.values()
+    assert len(kept) == len(fresh) >= 6
+    assert kept == pytest.approx(fresh, rel=1e-4)
+
+
 # ---- FLOP accounting (metrics.json's training_flops and mfu) ------------------------------------
 
 
