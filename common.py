@@ -531,6 +531,13 @@ def set_up_hardware(args: argparse.Namespace) -> str:
     return precision
 
 
+def inference_device() -> str:
+    """Where a saved model runs for --predict / --prompt: the first GPU when there is one."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def precision_training_kwargs(precision: str) -> dict[str, Any]:
     """TrainingArguments for the chosen precision (autocast; the master weights stay fp32)."""
     import torch

@@ -752,9 +752,10 @@ def predict_entities(model, tokenizer, texts: Sequence[str], max_length: int, ba
     with torch.inference_mode():
         for start in range(0, len(features), batch_size):
             batch = tokenizer.pad(features[start:start + batch_size], return_tensors="pt")
-            output = model(**{k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")})
+            output = model(**{k: v.to(model.device) for k, v in batch.items()
+                              if k in ("input_ids", "attention_mask", "token_type_ids")})
             mask = batch["attention_mask"].bool()
-            logits += [row[keep].float().numpy() for row, keep in zip(output.logits, mask)]
+            logits += [row[keep].float().numpy() for row, keep in zip(output.logits.cpu(), mask)]
     tags, scores = decode(logits, windows, [len(words[i]) for i in present], label_names) if features else ([], [])
     results: list[list[dict[str, Any]]] = [[] for _ in texts]
     for i, sentence_tags, sentence_scores in zip(present, tags, scores):
@@ -800,6 +801,7 @@ def predict(args: argparse.Namespace) -> None:
         model = AutoModelForTokenClassification.from_pretrained(model_dir, **common.pretrained_kwargs()).eval()
     except (OSError, ValueError) as error:
         raise UserError(f"could not load the model in {model_dir}: {common.first_line(error)}") from None
+    model.to(common.inference_device())
     print_entities(texts, predict_entities(model, tokenizer, texts, args.max_length, args.eval_batch_size))
 
 

@@ -305,11 +305,13 @@ def predict(args: argparse.Namespace) -> None:
         model = AutoModelForSequenceClassification.from_pretrained(model_dir, **common.pretrained_kwargs()).eval()
     except (OSError, ValueError) as error:
         raise UserError(f"could not load the model in {model_dir}: {common.first_line(error)}") from None
+    model.to(common.inference_device())
     results = []
     with torch.inference_mode():
         for start in range(0, len(texts), args.eval_batch_size):
             batch = texts[start:start + args.eval_batch_size]
-            inputs = tokenizer(batch, truncation=True, max_length=args.max_length, padding=True, return_tensors="pt")
+            inputs = tokenizer(batch, truncation=True, max_length=args.max_length, padding=True,
+                               return_tensors="pt").to(model.device)
             probabilities = model(**inputs).logits.float().softmax(-1)
             for text, row in zip(batch, probabilities):
                 score, index = row.max(-1)

@@ -455,6 +455,7 @@ def generate_from_saved(args: argparse.Namespace) -> None:
     if not prompts:
         raise UserError("no prompt given: pass --prompt TEXT or --prompt-file FILE.")
     model, tokenizer = load_saved(model_dir, gguf_cache=not args.no_gguf_cache)
+    model.to(common.inference_device())
     precision = common.choose_precision(args.fp16, args.bf16, args.fp32)
     for prompt, samples in zip(prompts, generate(model, tokenizer, prompts, args, precision)):
         for sample in samples:
