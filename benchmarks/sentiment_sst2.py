@@ -57,7 +57,9 @@ def read_sst2(path: Path) -> list[tuple[str, int]]:
 
 def sentence_level_split(rows: list[tuple[str, int]], held_out: int, seed: int = 0):
     """Hold out whole sentences; drop every training row that is a sub-phrase of one of them."""
-    by_length = sorted(set(rows), key=lambda row: -len(row[0]))
+    # Ties in length are broken by the text: a set's order changes from process to process
+    # (string hashing is salted), and with it the held-out sample drawn below.
+    by_length = sorted(set(rows), key=lambda row: (-len(row[0]), row))
     longer, roots = "\n", []
     for sentence, label in by_length:
         if len(sentence.split()) < 6:
