@@ -156,6 +156,7 @@ def predict_with_adapters(args: argparse.Namespace) -> None:
     texts = TASKS[task].read_predict_texts(args)
     started = time.perf_counter()
     model, names, record = load_adapters(adapter_dirs)
+    model.to(common.inference_device())
     if task == "ner":
         tokenizer = ner.load_word_tokenizer(str(adapter_dirs[0]))
 
@@ -166,7 +167,8 @@ def predict_with_adapters(args: argparse.Namespace) -> None:
             ner.print_entities(texts, entities)
     else:
         tokenizer = AutoTokenizer.from_pretrained(adapter_dirs[0], **common.pretrained_kwargs())
-        inputs = tokenizer(texts, truncation=True, max_length=args.max_length, padding=True, return_tensors="pt")
+        inputs = tokenizer(texts, truncation=True, max_length=args.max_length, padding=True,
+                           return_tensors="pt").to(model.device)
 
         def predict():
             with torch.inference_mode():
