@@ -1082,6 +1082,10 @@ def keep_embedding_gradient(model) -> bool:
     buffer = torch.zeros_like(embedding.weight)
     rows_written: list = []
 
+    def compact_rows():  # the rows written so far, each once, sorted
+        rows_written[:] = [torch.unique(torch.cat(rows_written))]
+        return rows_written[0]
+
     def install_buffer(module, args):
         weight = module.weight
         if not (torch.is_grad_enabled() and weight.requires_grad):
@@ -1095,14 +1099,14 @@ def keep_embedding_gradient(model) -> bool:
             return
         rows_written.append(args[0].detach().flatten())
         if len(rows_written) > 64:  # zero_grad(set_to_none=False) callers never hand the buffer back
-            rows_written[:] = [torch.unique(torch.cat(rows_written))]
+            compact_rows()
 
     def written_rows():
         """The rows of the gradient written since it was last zeroed (sorted, each once), or None
         when the buffer is not the current gradient. Every other row of the gradient is zero."""
         if embedding.weight.grad is not buffer or not rows_written:
             return None
-        return torch.unique(torch.cat(rows_written))
+        return compact_rows()
 
     embedding.register_forward_pre_hook(install_buffer)
     embedding.written_rows = written_rows  # for the Trainer's gradient clipping
