@@ -35,6 +35,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import common  # noqa: E402  (light: it imports torch and transformers only where used)
+
 SETTINGS = ("default", "no-cudnn", "eager", "first-token", "pad16", "fp32")
 LENGTHS = list(range(9, 129, 5))
 MINILM = dict(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536,
@@ -48,15 +51,12 @@ def measure(setting: str) -> dict[str, float]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     if setting == "no-cudnn":
-        torch.backends.cuda.enable_cudnn_sdp(False)
+        common.avoid_cudnn_attention()  # what the scripts do on a GPU
     config = BertConfig(**MINILM)
     config._attn_implementation = "eager" if setting == "eager" else "sdpa"
     torch.manual_seed(0)
     model = BertForSequenceClassification(config).to(device).train()
     if setting == "first-token":
-        sys.path.insert(0, str(ROOT))
-        import common
-
         assert common.use_first_token_last_layer(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
     autocast = dict(device_type=device, dtype=torch.bfloat16, enabled=setting != "fp32")
