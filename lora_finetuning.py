@@ -58,7 +58,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "ner: token classification, the data flags of ner_finetuning.py.")
     # Rank 32 for classification: on SST-2 (8,000 phrases, one epoch) it closed about half of rank 8's
     # 3-point gap to full fine-tuning at the same speed (README, "Full fine-tuning vs LoRA").
-    common.add_lora_args(parser, dropout=0.0, rank=8 if task == "ner" else 32)
+    lora_group = common.add_lora_args(parser, dropout=0.0, rank=8 if task == "ner" else 32)
+    lora_group.add_argument("--no-bf16-frozen-base", action="store_true",
+                            help="Keep the frozen base model's linear weights in fp32 (the default, on a CPU "
+                                 "in bf16, stores them in bf16 once instead of casting them at every step: "
+                                 "the same training, faster).")
     lora = parser.add_argument_group("adapters and comparison")
     lora.add_argument("--adapter", action="append", metavar="DIR",
                       help="With --predict: load these adapters on one base model and predict with each in "

@@ -869,7 +869,7 @@ def run(args: argparse.Namespace, method: str = "full") -> dict[str, Any] | None
 
     transformers.set_seed(args.seed)
     model, fresh_parameters = build_model(resolved, label_names)
-    model, lora = common.prepare_encoder_for_method(model, fresh_parameters, args, method, "TOKEN_CLS")
+    model, lora = common.prepare_encoder_for_method(model, fresh_parameters, args, method, "TOKEN_CLS", precision)
     params = common.count_parameters(model)
     print(common.describe_parameters(params))
     scheme_info = {"detected": detected, "converted_to": "IOB2", "scoring": SCORING,

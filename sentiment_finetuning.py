@@ -380,7 +380,7 @@ def run(args: argparse.Namespace, method: str = "full") -> dict[str, Any] | None
 
     transformers.set_seed(args.seed)
     model, fresh_parameters = build_model(resolved, label_names)
-    model, lora = common.prepare_encoder_for_method(model, fresh_parameters, args, method, "SEQ_CLS")
+    model, lora = common.prepare_encoder_for_method(model, fresh_parameters, args, method, "SEQ_CLS", precision)
     params = common.count_parameters(model)
     print(common.describe_parameters(params))
     common.save_run_config(output_dir, args, {"model": resolved.name, "model_path": resolved.path, "method": method,

@@ -342,3 +342,66 @@ def test_interrupted_lora_run_resumes_to_the_same_result(encoders, tmp_path):
     assert metrics["train"]["steps"] == expected["train"]["steps"]
     assert metrics["test"]["accuracy"] == expected["test"]["accuracy"]
     assert metrics["validation"]["loss"] == pytest.approx(expected["validation"]["loss"], rel=1e-4)
+
+
+# ---- frozen base weights stored in bf16 ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["bert", "distilbert"])
+def test_frozen_base_in_bf16_trains_exactly_like_autocasts_casts(encoders, kind):
+    """Autocast would cast the frozen fp32 weights to the same bf16 values at every step: storing
+    them in bf16 once gives the same logits and the same gradients of everything trained, which
+    stays fp32."""
+    import torch
+
+    import common
+    import sentiment_finetuning
+
+    resolved = common.ResolvedModel(path=str(encoders[kind]), name=kind)
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model, fresh = sentiment_finetuning.build_model(resolved, LABELS)
+        model, _ = common.apply_lora(model, lora_args(), "SEQ_CLS", common.lora_head_modules(model, fresh))
+        with torch.no_grad():
+            for parameter in model.parameters():
+                if parameter.requires_grad:
+                    parameter.add_(torch.randn_like(parameter) * 0.5)  # non-zero adapters (B starts at 0)
+        models.append(model.train())
+    changed = common.store_frozen_linear_weights_in_bf16(models[1])
+    assert changed >= 4 * 2  # at least every layer's four attention projections (two layers)
+    assert all(p.dtype == torch.float32 for p in models[1].parameters() if p.requires_grad)
+    assert {p.dtype for p in models[1].parameters() if not p.requires_grad} == {torch.float32, torch.bfloat16}
+    input_ids = torch.randint(5, 100, (4, 9), generator=torch.Generator().manual_seed(0))
+    outputs = []
+    for model in models:
+        torch.manual_seed(1)  # the same dropout masks
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            output = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), labels=input_ids[:, 0] % 2)
+        output.loss.backward()
+        outputs.append(output.logits)
+    assert torch.equal(outputs[0], outputs[1])
+    for (name, reference), actual in zip(models[0].named_parameters(), models[1].parameters()):
+        if reference.requires_grad:
+            assert torch.equal(actual.grad, reference.grad), name
+
+
+def test_lora_run_with_the_frozen_base_in_bf16_logs_the_same_training(encoders, tmp_path):
+    """Through the script: the same losses and gradient norms step by step as with the fp32 base
+    (--no-bf16-frozen-base), and an fp32 adapter on disk."""
+    from safetensors import safe_open
+
+    logs = {}
+    for flags in ((), ("--no-bf16-frozen-base",)):
+        output_dir = tmp_path / ("fp32-base" if flags else "bf16-base")
+        result = run_script(SCRIPT, "--model-name", encoders["bert"], "--output-dir", output_dir, *FAST,
+                            "--bf16", *flags)
+        assert result.returncode == 0, result.stderr
+        assert json.loads((output_dir / "metrics.json").read_text())["precision"] == "bf16"
+        records = [json.loads(line) for line in (output_dir / "training_log.jsonl").read_text().splitlines()]
+        logs[flags] = [value for r in records if "grad_norm" in r for value in (r["loss"], r["grad_norm"])]
+        with safe_open(output_dir / "adapter_model.safetensors", "pt") as saved:
+            assert {str(saved.get_slice(key).get_dtype()) for key in saved.keys()} == {"F32"}
+    bf16_base, fp32_base = logs.values()
+    assert len(bf16_base) >= 4
+    assert bf16_base == fp32_base
