@@ -7,6 +7,7 @@ trained on the project's sample data), so the suite runs offline in a few minute
 from __future__ import annotations
 
 import csv
+import json
 import importlib.util
 import os
 import subprocess
@@ -61,6 +62,12 @@ def assert_clean_error(result: Result, *fragments: str) -> str:
     for fragment in fragments:
         assert fragment.lower() in lines[0].lower(), lines[0]
     return lines[0]
+
+
+def logged_losses_and_grad_norms(output_dir: Path) -> list[float]:
+    """The loss and the gradient norm of every logged training step of a run, in order, flattened."""
+    records = [json.loads(line) for line in (output_dir / "training_log.jsonl").read_text().splitlines()]
+    return [value for record in records if "grad_norm" in record for value in (record["loss"], record["grad_norm"])]
 
 
 def sample_texts() -> list[str]:

@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import assert_clean_error, build_tiny_encoder, run_script
+from conftest import assert_clean_error, build_tiny_encoder, logged_losses_and_grad_norms, run_script
 
 SCRIPT = "lora_finetuning.py"
 FAST = ("--epochs", "1", "--batch-size", "16", "--learning-rate", "5e-3", "--max-train-samples", "96",
@@ -348,26 +348,15 @@ def test_interrupted_lora_run_resumes_to_the_same_result(encoders, tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["bert", "distilbert"])
-def test_frozen_base_in_bf16_trains_exactly_like_autocasts_casts(encoders, kind):
+def test_frozen_base_in_bf16_trains_exactly_like_autocasts_casts(encoders, kind, tmp_path):
     """Autocast would cast the frozen fp32 weights to the same bf16 values at every step: storing
     them in bf16 once gives the same logits and the same gradients of everything trained, which
     stays fp32."""
     import torch
 
     import common
-    import sentiment_finetuning
 
-    resolved = common.ResolvedModel(path=str(encoders[kind]), name=kind)
-    models = []
-    for _ in range(2):
-        torch.manual_seed(0)
-        model, fresh = sentiment_finetuning.build_model(resolved, LABELS)
-        model, _ = common.apply_lora(model, lora_args(), "SEQ_CLS", common.lora_head_modules(model, fresh))
-        with torch.no_grad():
-            for parameter in model.parameters():
-                if parameter.requires_grad:
-                    parameter.add_(torch.randn_like(parameter) * 0.5)  # non-zero adapters (B starts at 0)
-        models.append(model.train())
+    models = [make_adapter(encoders[kind], tmp_path / str(copy), seed=0)[0].train() for copy in range(2)]
     changed = common.store_frozen_linear_weights_in_bf16(models[1])
     assert changed >= 4 * 2  # at least every layer's four attention projections (two layers)
     assert all(p.dtype == torch.float32 for p in models[1].parameters() if p.requires_grad)
@@ -398,8 +387,7 @@ def test_lora_run_with_the_frozen_base_in_bf16_logs_the_same_training(encoders, 
                             "--bf16", *flags)
         assert result.returncode == 0, result.stderr
         assert json.loads((output_dir / "metrics.json").read_text())["precision"] == "bf16"
-        records = [json.loads(line) for line in (output_dir / "training_log.jsonl").read_text().splitlines()]
-        logs[flags] = [value for r in records if "grad_norm" in r for value in (r["loss"], r["grad_norm"])]
+        logs[flags] = logged_losses_and_grad_norms(output_dir)
         with safe_open(output_dir / "adapter_model.safetensors", "pt") as saved:
             assert {str(saved.get_slice(key).get_dtype()) for key in saved.keys()} == {"F32"}
     bf16_base, fp32_base = logs.values()

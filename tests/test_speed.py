@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, build_tiny_encoder, run_script
+from conftest import ROOT, build_tiny_encoder, logged_losses_and_grad_norms, run_script
 
 
 def test_fast_dropout_keeps_the_distribution_and_masks_its_gradient():
@@ -375,8 +375,7 @@ def test_trainer_with_the_embedding_gradient_buffer_logs_the_same_training(tiny_
         result = run_script("sentiment_finetuning.py", "--model-name", tiny_encoder, "--output-dir", output_dir,
                             "--epochs", "1", "--batch-size", "8", "--learning-rate", "1e-3", "--fp32", *flags)
         assert result.returncode == 0, result.stderr
-        records = [json.loads(line) for line in (output_dir / "training_log.jsonl").read_text().splitlines()]
-        logs[flags] = [value for r in records if "grad_norm" in r for value in (r["loss"], r["grad_norm"])]
+        logs[flags] = logged_losses_and_grad_norms(output_dir)
     kept, fresh = logs.values()
     assert len(kept) == len(fresh) >= 6
     assert kept == pytest.approx(fresh, rel=1e-4)
