@@ -150,11 +150,20 @@ dataset = [{"index": i, "input_ids": [1] * n} for i, n in enumerate(lengths)]
 args = TrainingArguments(output_dir=sys.argv[2], per_device_train_batch_size=4, num_train_epochs=2, seed=11,
                          save_strategy="no", report_to="none", use_cpu=True, remove_unused_columns=False,
                          disable_tqdm=True)
-model = Recorder()
-trainer = common.make_trainer_class(Trainer)(model=model, args=args, train_dataset=dataset, data_collator=collate)
-trainer.train()
+
+
+def train():
+    # Inside a function, as in the scripts' main(): the Trainer and its DDP wrapper are gone before
+    # the process group is torn down. Kept alive as globals until interpreter shutdown, they
+    # outlived it and aborted about one run in three ("terminate called without an active exception").
+    model = Recorder()
+    trainer = common.make_trainer_class(Trainer)(model=model, args=args, train_dataset=dataset, data_collator=collate)
+    trainer.train()
+    return model.seen
+
+
 gathered = [None] * dist.get_world_size()
-dist.all_gather_object(gathered, model.seen)
+dist.all_gather_object(gathered, train())
 if dist.get_rank() == 0:
     with open(sys.argv[2] + "/seen.json", "w") as handle:
         json.dump(gathered, handle)
