@@ -1259,10 +1259,15 @@ def make_trainer_class(base, length_grouping: bool = True, fresh_parameters: Seq
                 return compute_metrics(prediction)
             return remember_and_compute
 
-        def best_validation_prediction(self):
-            """The loaded best checkpoint's validation predictions (an EvalPrediction) and loss, from
-            its evaluation during training; None when that evaluation happened in an earlier
+        def final_validation_prediction(self):
+            """The validation predictions (an EvalPrediction) and loss of the model training ended
+            with: the loaded best checkpoint's, from its evaluation during training; in a run that
+            evaluates once (no evaluation during training), from evaluating the model now (logged
+            like an evaluation during training). None when that evaluation happened in an earlier
             process (a resumed run) or no best checkpoint was loaded."""
+            if self.args.eval_strategy == "no":
+                metrics = self.evaluate()
+                return self.validation_predictions[self.state.global_step], metrics["eval_loss"]
             step = self.state.best_global_step
             if not self.args.load_best_model_at_end or step not in self.validation_predictions:
                 return None
@@ -1348,9 +1353,15 @@ def build_classifier_trainer(args: argparse.Namespace, model, fresh_parameters: 
     steps_per_epoch = max(1, -(-len(train_dataset) // args.batch_size))
     # load_best_model_at_end needs the evaluations to land on the checkpoints: with --save-steps,
     # evaluate on the same steps (the Trainer also evaluates and saves after the last step).
-    schedule = ({"eval_strategy": "steps", "eval_steps": args.save_steps,
-                 "save_strategy": "steps", "save_steps": args.save_steps}
-                if args.save_steps else {"eval_strategy": "epoch", "save_strategy": "epoch"})
+    if args.save_steps:
+        schedule = {"eval_strategy": "steps", "eval_steps": args.save_steps,
+                    "save_strategy": "steps", "save_steps": args.save_steps, "load_best_model_at_end": True}
+    elif evaluates_once(args):
+        # Nothing to choose between: no checkpoint of a model about to be saved, and the run
+        # evaluates it after saving it (final_validation_prediction), as the example scripts do.
+        schedule = {"eval_strategy": "no", "save_strategy": "no", "load_best_model_at_end": False}
+    else:
+        schedule = {"eval_strategy": "epoch", "save_strategy": "epoch", "load_best_model_at_end": True}
     training_args = TrainingArguments(
         output_dir=str(output_dir / CHECKPOINT_SUBDIR),
         num_train_epochs=args.epochs,
@@ -1361,7 +1372,6 @@ def build_classifier_trainer(args: argparse.Namespace, model, fresh_parameters: 
         warmup_steps=args.warmup_ratio,
         **schedule,
         save_total_limit=args.save_total_limit,
-        load_best_model_at_end=True,
         metric_for_best_model=args.metric_for_best_model,
         greater_is_better=args.metric_for_best_model != "loss",
         logging_steps=max(1, min(50, steps_per_epoch // 5)),
@@ -1384,12 +1394,35 @@ def build_classifier_trainer(args: argparse.Namespace, model, fresh_parameters: 
     # their loss by the number of processes under DDP (reported training and validation losses,
     # and gradients, N times too large).
     trainer.model_accepts_loss_kwargs = False
-    print(describe_checkpoints(output_dir, args.save_steps, args.save_total_limit, args.keep_checkpoints))
+    print(describe_checkpoints(output_dir, args.save_steps, args.save_total_limit, args.keep_checkpoints,
+                               once=evaluates_once(args)))
     return trainer, interrupt_callback
 
 
-def describe_checkpoints(output_dir: Path, save_steps: int | None, save_total_limit: int, keep: bool) -> str:
+def evaluates_once(args: argparse.Namespace) -> bool:
+    """Whether an encoder run evaluates only after its last step: one epoch or less, no --save-steps,
+    no early stopping, and no checkpoint asked to be kept."""
+    return (args.epochs <= 1 and not args.save_steps and not args.early_stopping_patience
+            and not args.keep_checkpoints)
+
+
+def evaluation_seconds_during_training(records: Sequence[dict[str, Any]]) -> float:
+    """The time that the evaluations logged during training took (those logged after the training
+    summary, such as a one-epoch run's evaluation after saving, are not part of its runtime)."""
+    seconds = 0.0
+    for record in records:
+        if "train_runtime" in record:
+            break
+        seconds += float(record.get("eval_runtime", 0))
+    return seconds
+
+
+def describe_checkpoints(output_dir: Path, save_steps: int | None, save_total_limit: int, keep: bool,
+                         once: bool = False) -> str:
     """The log line saying where checkpoints go, how often, and how many stay on disk."""
+    if once:
+        return ("checkpoints: none in a run of one epoch (its model is saved when training ends; Ctrl-C "
+                "still saves one to resume from; --save-steps N or --keep-checkpoints writes them)")
     every = "every epoch" if not save_steps else "every step" if save_steps == 1 else f"every {save_steps} steps"
     after = ("kept after the run (--keep-checkpoints)" if keep
              else "deleted after a successful run (--keep-checkpoints keeps them)")
@@ -1541,7 +1574,8 @@ def print_run_summary(metrics: dict[str, Any], rate_key: str, rate_unit: str) ->
     print(f"model      {metrics['model']}")
     print(f"precision  {metrics['precision']}")
     print(describe_parameters(metrics["params"]))
-    print(f"training   {train['runtime_s']:.1f} s (of which evaluation {train['eval_time_s']:.1f} s), "
+    evaluation = f" (of which evaluation {train['eval_time_s']:.1f} s)" if train["eval_time_s"] else ""
+    print(f"training   {train['runtime_s']:.1f} s{evaluation}, "
           f"{train[rate_key]:.1f} {rate_unit}/s, peak memory {train['peak_rss_mb']:.0f} MB"
           + (f", model FLOPs utilisation {train['mfu']:.1%}" if train.get("mfu") is not None else ""))
 

@@ -891,11 +891,12 @@ def run(args: argparse.Namespace, method: str = "full") -> dict[str, Any] | None
     common.save_trained(trainer, tokenizer, output_dir, args.keep_checkpoints)
 
     # 5. Evaluate it on validation and test, per word; metrics and logs; then report.
-    # The best checkpoint's validation predictions come from its evaluation during training, if this process ran it.
-    validation = evaluate(trainer, data["validation"], label_names, known=trainer.best_validation_prediction())
+    # The final model's validation predictions come from its evaluation during training if this process ran it
+    # (a one-epoch run evaluates it here, after saving it).
+    validation = evaluate(trainer, data["validation"], label_names, known=trainer.final_validation_prediction())
     test = evaluate(trainer, data["test"], label_names) if "test" in data else None
     records = common.read_jsonl(output_dir / common.TRAINING_LOG_FILE)
-    eval_time = sum(float(r.get("eval_runtime", 0)) for r in records)
+    eval_time = common.evaluation_seconds_during_training(records)
     train_time = max(runtime - eval_time, 1e-6)  # throughput counts training steps only
     sentences = len(data["train"].gold)
     # Real (non-padding) tokens trained on: every window's length, once per epoch (benchmarks/run_all.py).

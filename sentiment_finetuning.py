@@ -399,11 +399,11 @@ def run(args: argparse.Namespace, method: str = "full") -> dict[str, Any] | None
     common.save_trained(trainer, tokenizer, output_dir, args.keep_checkpoints)
 
     # 5. Evaluate it on validation and test; metrics and logs; then report.
-    best = trainer.best_validation_prediction()  # from its evaluation during training, if this process ran it
-    validation = evaluate(trainer, datasets["validation"], label_names, prediction=best[0] if best else None)
+    final = trainer.final_validation_prediction()  # from its evaluation during training, or now in a one-epoch run
+    validation = evaluate(trainer, datasets["validation"], label_names, prediction=final[0] if final else None)
     test = evaluate(trainer, datasets["test"], label_names) if "test" in datasets else None
     records = common.read_jsonl(output_dir / common.TRAINING_LOG_FILE)
-    eval_time = sum(float(r.get("eval_runtime", 0)) for r in records)
+    eval_time = common.evaluation_seconds_during_training(records)
     # Real (non-padding) tokens trained on: every input's length, once per epoch (benchmarks/run_all.py).
     lengths = [len(row["input_ids"]) for row in datasets["train"]]
     tokens, tokens_squared = common.token_totals(lengths, args.epochs)

@@ -537,9 +537,9 @@ def write_markdown(path: Path, report: dict[str, Any]) -> None:
              "examples' recipe: fp32, padding to max length, random batches, library defaults "
              "(`benchmarks/baselines.py`). Same model, data, epochs, batch size, learning rate and seed.", "",
              "End to end: process start to the saved weights (every run saves before its final evaluation, as "
-             "the transformers example scripts do); whole process: start to exit, evaluation and the project's "
-             "samples included. Training: the training steps only (the project's "
-             "evaluation after each epoch is left out). samples/s and tokens/s (real tokens, no padding) over the "
+             "the transformers example scripts do; a project run of several epochs evaluates each epoch to pick "
+             "the model it saves); whole process: start to exit, evaluation and the project's "
+             "samples included. Training: the training steps only (evaluations during training are left out). samples/s and tokens/s (real tokens, no padding) over the "
              "training time. Peak memory: the process's peak RSS. MFU: training FLOPs / training time / the peak "
              "of the run's precision, with training FLOPs = (6 x trainable + 4 x frozen matmul weights) x real "
              "tokens + 12 x layers x hidden x sum(sequence length^2); frozen (LoRA base) weights need the forward "

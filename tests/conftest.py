@@ -70,6 +70,19 @@ def logged_losses_and_grad_norms(output_dir: Path) -> list[float]:
     return [value for record in records if "grad_norm" in record for value in (record["loss"], record["grad_norm"])]
 
 
+def assert_saved_then_evaluated_once(output_dir: Path, metric: str, value: float) -> None:
+    """A one-epoch run: the training log holds a single evaluation, logged after the training
+    summary and after the model was saved, and it gave `metric` = `value` (the metrics.json figure)."""
+    records = [json.loads(line) for line in (output_dir / "training_log.jsonl").read_text().splitlines()]
+    summary = next(i for i, record in enumerate(records) if "train_runtime" in record)
+    evaluations = [i for i, record in enumerate(records) if "eval_loss" in record]
+    assert len(evaluations) == 1 and evaluations[0] > summary, records
+    evaluation = records[evaluations[0]]
+    assert evaluation[f"eval_{metric}"] == value
+    assert (output_dir / "model.safetensors").stat().st_mtime <= evaluation["time"], "evaluated before saving"
+    assert json.loads((output_dir / "metrics.json").read_text())["train"]["eval_time_s"] == 0
+
+
 def sample_texts() -> list[str]:
     texts = []
     for file in sorted((DATA / "sentiment").glob("*.csv")):

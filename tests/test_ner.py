@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import DATA, assert_clean_error, build_tiny_encoder, run_script, write_rows
+from conftest import DATA, assert_clean_error, assert_saved_then_evaluated_once, build_tiny_encoder, run_script, write_rows
 
 import ner_finetuning as ner
 
@@ -408,6 +408,13 @@ def test_training_log_has_an_evaluation_per_epoch(trained):
     output_dir, _, _ = trained
     records = [json.loads(line) for line in (output_dir / "training_log.jsonl").read_text().splitlines()]
     assert [round(r["epoch"]) for r in records if "eval_f1" in r] == [1, 2]
+
+
+def test_one_epoch_run_saves_its_model_then_evaluates_it(ner_encoder, tmp_path):
+    result = run_script(SCRIPT, "--model-name", ner_encoder, "--output-dir", tmp_path / "out", *FAST)
+    assert result.returncode == 0, result.stdout + result.stderr
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert_saved_then_evaluated_once(tmp_path / "out", "f1", metrics["validation"]["f1"])
 
 
 def test_saved_model_loads_with_plain_transformers_and_pipeline(trained):

@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, assert_clean_error, requires_bundled_encoder, run_command, run_script, write_rows
+from conftest import (ROOT, assert_clean_error, assert_saved_then_evaluated_once, requires_bundled_encoder,
+                      run_command, run_script, write_rows)
 
 SCRIPT = "sentiment_finetuning.py"
 FAST = ("--epochs", "1", "--batch-size", "16", "--learning-rate", "1e-3", "--eval-batch-size", "64")
@@ -200,6 +201,13 @@ def test_max_samples_limit_train_and_eval(tiny_encoder, tmp_path):
     assert metrics["validation"]["examples"] == 30 and metrics["test"]["examples"] == 30
 
 
+def test_one_epoch_run_saves_its_model_then_evaluates_it(tiny_encoder, tmp_path):
+    metrics, result = train(tiny_encoder, tmp_path / "out")
+    assert_saved_then_evaluated_once(tmp_path / "out", "accuracy", metrics["validation"]["accuracy"])
+    assert "checkpoints: none in a run of one epoch" in result.stdout
+    assert not (tmp_path / "out" / "checkpoints").exists()
+
+
 def test_length_grouped_order_is_a_seeded_permutation_with_similar_lengths():
     from common import length_grouped_order
 
@@ -229,7 +237,8 @@ def test_resume_from_checkpoint_reaches_the_same_result(tiny_encoder, tmp_path):
     assert resumed["validation"]["loss"] == pytest.approx(full["validation"]["loss"], rel=1e-4)
 
 
-def test_interrupt_saves_a_checkpoint_and_prints_the_resume_command(tiny_encoder, tmp_path):
+@pytest.mark.parametrize("epochs", ["200", "1"])  # a one-epoch run writes no checkpoint unless interrupted
+def test_interrupt_saves_a_checkpoint_and_prints_the_resume_command(epochs, tiny_encoder, tmp_path):
     import signal
     import subprocess
     import sys
@@ -238,8 +247,9 @@ def test_interrupt_saves_a_checkpoint_and_prints_the_resume_command(tiny_encoder
     from conftest import OFFLINE_ENV, ROOT
 
     output_dir = tmp_path / "out"
+    data = [] if epochs != "1" else ["--train-file", str(write_rows(tmp_path / "long.csv", review_rows(2500)))]
     process = subprocess.Popen([sys.executable, str(ROOT / SCRIPT), "--model-name", str(tiny_encoder), "--output-dir",
-                                str(output_dir), "--epochs", "200", "--batch-size", "8"],
+                                str(output_dir), "--epochs", epochs, "--batch-size", "8", *data],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=OFFLINE_ENV)
     log = output_dir / "training_log.jsonl"
     deadline = time.time() + 120
