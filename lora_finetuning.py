@@ -363,7 +363,7 @@ def comparison_markdown(c: dict, full: dict, lora: dict, split: str, scored) -> 
         f"| total parameters | {f['total_params']:,} | {l['total_params']:,} |",
         f"| trainable share | {f['trainable_share_pct']:.2f}% | {l['trainable_share_pct']:.2f}% |",
         f"| saved size (safetensors) | {f['saved_size_mb']} MB | {l['saved_size_mb']} MB |",
-        f"| training time (with per-epoch evaluation) | {f['train_runtime_s']:.1f} s | {l['train_runtime_s']:.1f} s |",
+        f"| training time (with the evaluations during training) | {f['train_runtime_s']:.1f} s | {l['train_runtime_s']:.1f} s |",
         f"| of which evaluation | {f['eval_time_s']:.1f} s | {l['eval_time_s']:.1f} s |",
         f"| training steps alone | {f['train_steps_time_s']:.1f} s | {l['train_steps_time_s']:.1f} s |",
         f"| samples/s | {f['samples_per_s']:.1f} | {l['samples_per_s']:.1f} |",
