@@ -40,6 +40,23 @@ def test_fast_dropout_keeps_the_distribution_and_masks_its_gradient():
     assert dropout(x) is x
 
 
+def test_fast_dropout_rounds_each_kept_value_once_both_ways():
+    import torch
+
+    import common
+
+    dropout = common._fast_dropout_class()(0.1).train()
+    x = (torch.rand(64, 384) + 0.5).to(torch.bfloat16).requires_grad_()  # no zeros: y != 0 is the mask
+    gradient = torch.randn(64, 384, dtype=torch.bfloat16)
+    y = dropout(x)
+    y.backward(gradient)
+    keep = y != 0
+    scale = 1 / (1 - dropout.threshold / 32768)
+    # x / (1 - p) computed in float and rounded to bf16 once, forward and backward (not times a rounded scale).
+    assert torch.equal(y, torch.where(keep, (x.detach().float() * scale).to(torch.bfloat16), 0))
+    assert torch.equal(x.grad, torch.where(keep, (gradient.float() * scale).to(torch.bfloat16), 0))
+
+
 def test_fast_dropout_is_reproducible_from_the_seed():
     import torch
 
