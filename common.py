@@ -1336,8 +1336,8 @@ def build_classifier_trainer(args: argparse.Namespace, model, fresh_parameters: 
                              output_dir: Path):
     """A Trainer for the encoder tasks (sequence and token classification), set up the same way:
     evaluation and a checkpoint every epoch (or every --save-steps steps), the best checkpoint kept
-    (neither in a run that evaluates once: evaluates_once()), the JSONL log, graceful Ctrl-C, optional early stopping, length-grouped batches and the head
-    learning-rate multiplier.
+    (neither in a run that evaluates once: evaluates_once()), the JSONL log, graceful Ctrl-C,
+    optional early stopping, length-grouped batches and the head learning-rate multiplier.
     Returns the trainer and the interrupt callback (whose `interrupted` tells how training ended)."""
     from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
 
