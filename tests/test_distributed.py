@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import DATA, OFFLINE_ENV, ROOT, run_command, write_rows
+from conftest import DATA, OFFLINE_ENV, ROOT, assert_saved_then_evaluated_once, run_command, write_rows
 
 TORCHRUN = Path(sys.executable).parent / "torchrun"
 
@@ -48,10 +48,11 @@ def data_flags(files: dict[str, Path]) -> tuple:
     return ("--train-file", files["train"], "--validation-file", files["validation"], "--test-file", files["test"])
 
 
-def check_saved_once(output_dir: Path, stdout: str, model_files: tuple[str, ...]) -> dict:
+def check_saved_once(output_dir: Path, stdout: str, model_files: tuple[str, ...], epochs: int = 2) -> dict:
     """One report, every output exactly once and complete, no leftovers of the save machinery."""
     assert stdout.count("saved model, metrics.json") == 1, stdout
-    assert stdout.count("checkpoints: every epoch") == 1, stdout
+    checkpoints = "checkpoints: every epoch" if epochs > 1 else "checkpoints: none in a run of one epoch"
+    assert stdout.count(checkpoints) == 1, stdout
     for name in (*model_files, "tokenizer.json", "metrics.json", "run_config.json", "training_log.jsonl",
                  "training_curves.png"):
         assert (output_dir / name).is_file(), name
@@ -62,12 +63,12 @@ def check_saved_once(output_dir: Path, stdout: str, model_files: tuple[str, ...]
     records = [json.loads(line) for line in lines]
     keys = [(r["step"], tuple(sorted(r))) for r in records]
     assert len(keys) == len(set(keys)), "a log line was written by more than one process"
-    assert [round(r["epoch"]) for r in records if "eval_accuracy" in r] == [1, 2]
-    assert json.loads((output_dir / "run_config.json").read_text())["args"]["epochs"] == 2
+    assert [round(r["epoch"]) for r in records if "eval_accuracy" in r] == list(range(1, epochs + 1))
+    assert json.loads((output_dir / "run_config.json").read_text())["args"]["epochs"] == epochs
     return json.loads((output_dir / "metrics.json").read_text())
 
 
-def check_evaluated_once(metrics: dict) -> None:
+def check_evaluated_once(metrics: dict, epochs: int = 2) -> None:
     """Each split scored on all of its examples, none twice (the processes' shards are gathered
     and the padding that evens them out is dropped)."""
     for split in ("validation", "test"):
@@ -76,7 +77,7 @@ def check_evaluated_once(metrics: dict) -> None:
         assert sum(v["support"] for v in block["per_class"].values()) == SIZES[split]
         assert sum(map(sum, block["confusion_matrix"])) == SIZES[split]
     # Each process trained on its half of every batch round: 40 examples / (4 x 2) = 5 steps per epoch.
-    assert metrics["train"]["steps"] == 2 * 5
+    assert metrics["train"]["steps"] == epochs * 5
 
 
 def direct_validation_loss(model_dir: Path, validation_file: Path) -> float:
@@ -94,13 +95,17 @@ def direct_validation_loss(model_dir: Path, validation_file: Path) -> float:
         return float(torch.nn.functional.cross_entropy(model(**inputs).logits, labels))
 
 
-def test_sentiment_under_torchrun_saves_once_and_evaluates_everything(tiny_encoder, data_files, tmp_path):
+@pytest.mark.parametrize("epochs", [2, 1])  # one epoch: saved first, evaluated after, by every process
+def test_sentiment_under_torchrun_saves_once_and_evaluates_everything(epochs, tiny_encoder, data_files, tmp_path):
     output_dir = tmp_path / "nested" / "out"  # created by whichever process gets there first
     result = run_command([*LAUNCH, ROOT / "sentiment_finetuning.py", "--model-name", tiny_encoder,
-                          "--output-dir", output_dir, *data_flags(data_files), *FAST, "--learning-rate", "1e-3"])
+                          "--output-dir", output_dir, *data_flags(data_files), *FAST, "--learning-rate", "1e-3",
+                          "--epochs", str(epochs)])
     assert result.returncode == 0, result.stdout + result.stderr
-    metrics = check_saved_once(output_dir, result.stdout, ("config.json", "model.safetensors"))
-    check_evaluated_once(metrics)
+    metrics = check_saved_once(output_dir, result.stdout, ("config.json", "model.safetensors"), epochs)
+    check_evaluated_once(metrics, epochs)
+    if epochs == 1:
+        assert_saved_then_evaluated_once(output_dir, "accuracy", metrics["validation"]["accuracy"])
     # The validation loss is that of the saved model on the whole file: not scaled by the number of
     # processes, no example missing or counted twice.
     assert metrics["validation"]["loss"] == pytest.approx(
