@@ -1344,10 +1344,11 @@ def build_classifier_trainer(args: argparse.Namespace, model, fresh_parameters: 
     steps_per_epoch = max(1, -(-len(train_dataset) // args.batch_size))
     # load_best_model_at_end needs the evaluations to land on the checkpoints: with --save-steps,
     # evaluate on the same steps (the Trainer also evaluates and saves after the last step).
+    once = evaluates_once(args)
     if args.save_steps:
         schedule = {"eval_strategy": "steps", "eval_steps": args.save_steps,
                     "save_strategy": "steps", "save_steps": args.save_steps, "load_best_model_at_end": True}
-    elif evaluates_once(args):
+    elif once:
         # Nothing to choose between: no checkpoint of a model about to be saved, and the run
         # evaluates it after saving it (final_validation_prediction), as the example scripts do.
         schedule = {"eval_strategy": "no", "save_strategy": "no", "load_best_model_at_end": False}
@@ -1385,8 +1386,7 @@ def build_classifier_trainer(args: argparse.Namespace, model, fresh_parameters: 
     # their loss by the number of processes under DDP (reported training and validation losses,
     # and gradients, N times too large).
     trainer.model_accepts_loss_kwargs = False
-    print(describe_checkpoints(output_dir, args.save_steps, args.save_total_limit, args.keep_checkpoints,
-                               once=evaluates_once(args)))
+    print(describe_checkpoints(output_dir, args.save_steps, args.save_total_limit, args.keep_checkpoints, once))
     return trainer, interrupt_callback
 
 

@@ -64,16 +64,23 @@ def assert_clean_error(result: Result, *fragments: str) -> str:
     return lines[0]
 
 
+def training_log(output_dir: Path) -> list[dict]:
+    """The records of a run's training_log.jsonl, read as the scripts read it."""
+    import common
+
+    return common.read_jsonl(output_dir / common.TRAINING_LOG_FILE)
+
+
 def logged_losses_and_grad_norms(output_dir: Path) -> list[float]:
     """The loss and the gradient norm of every logged training step of a run, in order, flattened."""
-    records = [json.loads(line) for line in (output_dir / "training_log.jsonl").read_text().splitlines()]
-    return [value for record in records if "grad_norm" in record for value in (record["loss"], record["grad_norm"])]
+    return [value for record in training_log(output_dir) if "grad_norm" in record
+            for value in (record["loss"], record["grad_norm"])]
 
 
 def assert_saved_then_evaluated_once(output_dir: Path, metric: str, value: float) -> None:
     """A one-epoch run: the training log holds a single evaluation, logged after the training
     summary and after the model was saved, and it gave `metric` = `value` (the metrics.json figure)."""
-    records = [json.loads(line) for line in (output_dir / "training_log.jsonl").read_text().splitlines()]
+    records = training_log(output_dir)
     summary = next(i for i, record in enumerate(records) if "train_runtime" in record)
     evaluations = [i for i, record in enumerate(records) if "eval_loss" in record]
     assert len(evaluations) == 1 and evaluations[0] > summary, records
