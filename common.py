@@ -1164,11 +1164,35 @@ def _cpu_training_attention(module, query, key, value, attention_mask, dropout: 
     # Softmax in the scores' own dtype: on bf16 the CPU kernel accumulates in fp32 and rounds once,
     # the same probabilities as an fp32 softmax cast to bf16, without materialising (and keeping for
     # backward) an fp32 copy of every score: attention fwd+bwd about twice as fast.
-    probabilities = torch.softmax(scores, dim=-1).to(value.dtype)
+    probabilities = softmax_last_dim(scores).to(value.dtype)
     if dropout > 0:
         probabilities = _fast_dropout_class()(dropout)(probabilities)
     output = torch.matmul(probabilities, value)
     return output.transpose(1, 2).contiguous(), None
+
+
+SOFTMAX_COLUMNS = 32  # a multiple of the CPU kernel's vector width (16 floats with AVX-512, 8 with AVX2)
+
+
+def softmax_last_dim(scores):
+    """torch.softmax over the last dimension, computed on a copy padded to a multiple of 32 columns
+    where that is faster on a CPU: the same probabilities and gradients, to the last bit of rounding.
+
+    PyTorch's CPU softmax runs the columns past the last multiple of its vector width through a
+    slow path, forward and backward: for 32 x 12 heads x L x L bf16 scores, forward and backward
+    take 526 us at L = 14 and 1,664 us at L = 30, against 198 and 396 us with each row padded to 32
+    columns of -inf (exactly zero after the exponential, even in a fully masked row). Dynamic padding makes
+    short, odd lengths the common case. Padding pays for rows shorter than 32 and for tails of more
+    than 8 columns; the padded columns are sliced off again (a view), and autograd's own backward
+    pads the gradient the same way."""
+    import torch
+
+    columns = scores.shape[-1]
+    tail = columns % SOFTMAX_COLUMNS
+    if scores.device.type != "cpu" or tail == 0 or (columns > SOFTMAX_COLUMNS and tail <= 8):
+        return torch.softmax(scores, dim=-1)
+    padded = torch.nn.functional.pad(scores, (0, SOFTMAX_COLUMNS - tail), value=float("-inf"))
+    return torch.softmax(padded, dim=-1)[..., :columns]
 
 
 _FAST_DROPOUT = None

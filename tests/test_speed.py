@@ -1,5 +1,5 @@
 """The speed settings that are on by default: FastDropout, length-grouped batches, the tuned allocator,
-attention kept off cuDNN on a GPU, the first-token last layer of classifiers and the kept
+the padded attention softmax, attention kept off cuDNN on a GPU, the first-token last layer of classifiers and the kept
 embedding-gradient buffer; and the FLOP
 accounting behind metrics.json's model FLOPs utilisation.
 (Their timings are benchmark figures, in BENCHMARKS.md; these tests check that they compute what
@@ -68,6 +68,34 @@ def test_fast_dropout_is_reproducible_from_the_seed():
     first = dropout(x)
     torch.manual_seed(5)
     assert first.dtype == torch.bfloat16 and torch.equal(first, dropout(x))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("columns, padded_to", [(5, 32), (14, 32), (30, 32), (32, None), (36, None), (46, 64)])
+def test_softmax_last_dim_pads_short_and_ragged_rows_to_the_same_values(dtype, columns, padded_to):
+    """Rows shorter than 32 columns, or with more than 8 past a multiple of 32, go through a softmax
+    padded to the next multiple of 32 (the CPU kernel's slow path is its tail); the probabilities and
+    the gradient are torch.softmax's to the last bit of rounding (the padded rows run the kernel's
+    vectorised path, whose sums may round differently)."""
+    import torch
+
+    import common
+
+    torch.manual_seed(columns)
+    scores = (torch.randn(4, 3, 7, columns) * 4).to(getattr(torch, dtype))
+    scores[0, 0, 0] = torch.finfo(scores.dtype).min  # a fully masked row: uniform over its own columns
+    scores.requires_grad_()
+    reference = scores.detach().clone().requires_grad_()
+    gradient = torch.randn(4, 3, 7, columns).to(scores.dtype)
+    probabilities = common.softmax_last_dim(scores)
+    expected = torch.softmax(reference, dim=-1)
+    probabilities.backward(gradient)
+    expected.backward(gradient)
+    assert probabilities.shape == expected.shape
+    assert probabilities.stride(-2) == (padded_to or columns)  # a view of the padded rows, or torch.softmax's own
+    unit = torch.finfo(scores.dtype).eps  # one unit in the last place at 1
+    torch.testing.assert_close(probabilities, expected, atol=2 * unit, rtol=0)
+    torch.testing.assert_close(scores.grad, reference.grad, atol=2 * unit * gradient.abs().max().item(), rtol=0)
 
 
 def test_fast_dropout_replaces_the_models_dropout_modules(tiny_encoder):
