@@ -1181,10 +1181,10 @@ def softmax_last_dim(scores):
     PyTorch's CPU softmax runs the columns past the last multiple of its vector width through a
     slow path, forward and backward: for 32 x 12 heads x L x L bf16 scores, forward and backward
     take 526 us at L = 14 and 1,664 us at L = 30, against 198 and 396 us with each row padded to 32
-    columns of -inf (exactly zero after the exponential, even in a fully masked row). Dynamic padding makes
-    short, odd lengths the common case. Padding pays for rows shorter than 32 and for tails of more
-    than 8 columns; the padded columns are sliced off again (a view), and autograd's own backward
-    pads the gradient the same way."""
+    columns of -inf (exactly zero after the exponential, even in a fully masked row). Dynamic
+    padding makes short, odd lengths the common case. Padding pays for rows shorter than 32 and for
+    tails of more than 8 columns; the padded columns are sliced off again (a view), and autograd's
+    own backward pads the gradient the same way."""
     import torch
 
     columns = scores.shape[-1]

@@ -1,7 +1,7 @@
 """The speed settings that are on by default: FastDropout, length-grouped batches, the tuned allocator,
-the padded attention softmax, attention kept off cuDNN on a GPU, the first-token last layer of classifiers and the kept
-embedding-gradient buffer; and the FLOP
-accounting behind metrics.json's model FLOPs utilisation.
+the padded attention softmax, attention kept off cuDNN on a GPU, the first-token last layer of
+classifiers and the kept embedding-gradient buffer; and the FLOP accounting behind metrics.json's
+model FLOPs utilisation.
 (Their timings are benchmark figures, in BENCHMARKS.md; these tests check that they compute what
 they claim to.)"""
 
