@@ -1123,16 +1123,20 @@ def written_embedding_rows(model):
 def clip_gradients_by_rows(model, rows, max_norm: float):
     """torch.nn.utils.clip_grad_norm_ for a model whose word-embedding gradient is zero outside
     `rows`: the norm and the scaling read only those rows of it (not all 47 MB of MiniLM's), for
-    the same total norm and the same clipped gradients. Returns the total norm before clipping."""
+    the same total norm and the same clipped gradients. A norm within max_norm makes the
+    coefficient exactly 1, and the scaling (a product by 1 that the library performs anyway, to
+    spare GPUs a synchronisation) is skipped: ~3 ms of a MiniLM step. CPU only, like the buffer.
+    Returns the total norm before clipping."""
     import torch
 
     weight = model.get_input_embeddings().weight
     parameters = [p for p in model.parameters() if p.grad is not None and p is not weight]
     row_gradients = weight.grad.index_select(0, rows)
     total = torch.nn.utils.get_total_norm([p.grad for p in parameters] + [row_gradients])
-    torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total)
     coefficient = torch.clamp(max_norm / (total + 1e-6), max=1.0)  # clip_grads_with_norm_'s own formula
-    weight.grad.index_copy_(0, rows, row_gradients.mul_(coefficient))
+    if coefficient.item() != 1.0:  # NaN and inf norms are scaled too, as the library does
+        torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total)
+        weight.grad.index_copy_(0, rows, row_gradients.mul_(coefficient))
     return total
 
 

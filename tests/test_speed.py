@@ -388,27 +388,45 @@ def test_embedding_gradient_buffer_is_skipped_for_frozen_embeddings_and_under_dd
     assert not frozen.get_input_embeddings().sparse and not distributed.get_input_embeddings().sparse
 
 
-@pytest.mark.parametrize("max_norm", [1e-3, 1e3], ids=["clipped", "not-clipped"])
-def test_clipping_by_written_rows_equals_clip_grad_norm(tiny_encoder, max_norm):
+@pytest.mark.parametrize("case", ["clipped", "not-clipped", "nan"])
+def test_clipping_by_written_rows_equals_clip_grad_norm(tiny_encoder, case):
     """The Trainer's clipping reads only the written rows of the kept embedding gradient: the
-    same total norm and the same clipped gradients as torch's clip_grad_norm_ over everything."""
+    same total norm and the same clipped gradients as torch's clip_grad_norm_ over everything.
+    A norm within the limit leaves the gradients unwritten (the library multiplies them by 1); a
+    NaN norm makes every gradient NaN, as the library's does (the embedding's unwritten rows, zero
+    and never read by this clipping, excepted)."""
     import torch
 
     import common
 
+    max_norm = 1e-3 if case == "clipped" else 1e3
     models = [_tiny_classifier(tiny_encoder), _tiny_classifier(tiny_encoder)]
     input_ids = torch.randint(5, 100, (4, 6), generator=torch.Generator().manual_seed(0))
     for model in models:
         assert common.keep_embedding_gradient(model)
         model(input_ids=input_ids, labels=input_ids[:, 0] % 3).loss.backward()
+        if case == "nan":
+            model.classifier.bias.grad[0] = float("nan")
     rows = common.written_embedding_rows(models[1])
     assert torch.equal(rows, input_ids.unique())
+    versions = [p.grad._version for p in models[1].parameters()]
     expected = torch.nn.utils.clip_grad_norm_(models[0].parameters(), max_norm)
     total = common.clip_gradients_by_rows(models[1], rows, max_norm)
-    torch.testing.assert_close(total, expected)
+    torch.testing.assert_close(total, expected, equal_nan=True)
+    embedding = models[1].get_input_embeddings().weight
     for (name, reference), actual in zip(models[0].named_parameters(), models[1].parameters()):
-        torch.testing.assert_close(actual.grad, reference.grad, msg=name)
-    assert bool(expected > max_norm) is (max_norm < 1)  # one case clips, the other does not
+        if actual is embedding and case == "nan":
+            reference, actual = reference.grad[rows], actual.grad[rows]
+        else:
+            reference, actual = reference.grad, actual.grad
+        torch.testing.assert_close(actual, reference, equal_nan=True, msg=name)
+    written = [p.grad._version != version for p, version in zip(models[1].parameters(), versions)]
+    if case == "not-clipped":
+        assert expected < max_norm and not any(written)
+    else:
+        assert all(written) and (case == "nan") is bool(expected.isnan())
+    if case == "nan":
+        assert embedding.grad[rows].isnan().all() and models[1].classifier.weight.grad.isnan().all()
 
 
 def test_trainer_with_the_embedding_gradient_buffer_logs_the_same_training(tiny_encoder, tmp_path):
