@@ -7,8 +7,8 @@ trained on the project's sample data), so the suite runs offline in a few minute
 from __future__ import annotations
 
 import csv
-import json
 import importlib.util
+import json
 import os
 import subprocess
 import sys

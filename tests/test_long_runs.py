@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import run_script
+from conftest import run_script, training_log
 
 FAST = ("--batch-size", "8", "--learning-rate", "1e-3", "--eval-batch-size", "64", "--max-train-samples", "40",
         "--max-eval-samples", "40")
@@ -29,7 +29,7 @@ def test_save_steps_evaluates_and_checkpoints_every_n_steps_and_keeps_at_most_th
     assert f"checkpoints: every 3 steps to {output_dir / 'checkpoints'}, at most 1 on disk" in stdout
     steps = metrics["train"]["steps"]
     assert steps == 10  # 40 examples in batches of 8, 2 epochs
-    records = [json.loads(line) for line in (output_dir / "training_log.jsonl").read_text().splitlines()]
+    records = training_log(output_dir)
     # Evaluations land on the checkpoints (the best one is picked by its score), plus one after the last step.
     assert [r["step"] for r in records if "eval_accuracy" in r] == [3, 6, 9, 10]
     kept = checkpoint_steps(output_dir)
@@ -60,7 +60,7 @@ def test_same_seed_gives_the_same_metrics(tiny_encoder, tmp_path):
     assert second["train"]["steps"] == first["train"]["steps"]
 
     def scores(output_dir: Path) -> list[dict]:
-        records = [json.loads(line) for line in (output_dir / "training_log.jsonl").read_text().splitlines()]
+        records = training_log(output_dir)
         return [{k: v for k, v in r.items() if k in ("step", "loss", "grad_norm", "eval_loss", "eval_accuracy")}
                 for r in records]
 

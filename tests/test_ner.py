@@ -10,7 +10,8 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import DATA, assert_clean_error, assert_saved_then_evaluated_once, build_tiny_encoder, run_script, write_rows
+from conftest import (DATA, assert_clean_error, assert_saved_then_evaluated_once, build_tiny_encoder, run_script,
+                      training_log, write_rows)
 
 import ner_finetuning as ner
 
@@ -406,7 +407,7 @@ def test_metrics_schema(trained, ner_encoder):
 
 def test_training_log_has_an_evaluation_per_epoch(trained):
     output_dir, _, _ = trained
-    records = [json.loads(line) for line in (output_dir / "training_log.jsonl").read_text().splitlines()]
+    records = training_log(output_dir)
     assert [round(r["epoch"]) for r in records if "eval_f1" in r] == [1, 2]
 
 

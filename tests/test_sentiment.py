@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from conftest import (ROOT, assert_clean_error, assert_saved_then_evaluated_once, requires_bundled_encoder,
-                      run_command, run_script, write_rows)
+                      run_command, run_script, training_log, write_rows)
 
 SCRIPT = "sentiment_finetuning.py"
 FAST = ("--epochs", "1", "--batch-size", "16", "--learning-rate", "1e-3", "--eval-batch-size", "64")
@@ -69,7 +69,7 @@ def test_metrics_schema(trained, tiny_encoder):
 
 def test_training_log_has_an_evaluation_per_epoch(trained):
     output_dir, _, _ = trained
-    records = [json.loads(line) for line in (output_dir / "training_log.jsonl").read_text().splitlines()]
+    records = training_log(output_dir)
     evaluations = [r for r in records if "eval_accuracy" in r]
     assert [round(r["epoch"]) for r in evaluations] == [1, 2]
     assert any("loss" in r for r in records)
@@ -84,7 +84,7 @@ def test_validation_figures_are_those_of_the_saved_model(tiny_encoder, tmp_path)
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     metrics, _ = train(tiny_encoder, tmp_path, "--epochs", "3", "--fp32", "--metric-for-best-model", "loss")
-    log = [json.loads(line) for line in (tmp_path / "training_log.jsonl").read_text().splitlines()]
+    log = training_log(tmp_path)
     assert len([r for r in log if "eval_loss" in r]) == 3
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
     tokenizer = AutoTokenizer.from_pretrained(tmp_path)
