@@ -1179,8 +1179,9 @@ SOFTMAX_COLUMNS = 32  # a multiple of the CPU kernel's vector width (16 floats w
 
 
 def softmax_last_dim(scores):
-    """torch.softmax over the last dimension, computed on a copy padded to a multiple of 32 columns
-    where that is faster on a CPU: the same probabilities and gradients, to the last bit of rounding.
+    """torch.softmax over the last dimension of CPU scores, computed on a copy padded to a multiple
+    of 32 columns where that is faster: the same probabilities and gradients, to the last bit of
+    rounding. (Its caller, the CPU training attention, takes CPU tensors only.)
 
     PyTorch's CPU softmax runs the columns past the last multiple of its vector width through a
     slow path, forward and backward: for 32 x 12 heads x L x L bf16 scores, forward and backward
@@ -1193,7 +1194,7 @@ def softmax_last_dim(scores):
 
     columns = scores.shape[-1]
     tail = columns % SOFTMAX_COLUMNS
-    if scores.device.type != "cpu" or tail == 0 or (columns > SOFTMAX_COLUMNS and tail <= 8):
+    if tail == 0 or (columns > SOFTMAX_COLUMNS and tail <= 8):
         return torch.softmax(scores, dim=-1)
     padded = torch.nn.functional.pad(scores, (0, SOFTMAX_COLUMNS - tail), value=float("-inf"))
     return torch.softmax(padded, dim=-1)[..., :columns]
