@@ -71,6 +71,31 @@ def test_fast_dropout_is_reproducible_from_the_seed():
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_fast_dropout_masks_with_its_seeded_draws_in_the_inputs_dtype(dtype):
+    """The mask is the comparison of the generator's 15-bit cuts with the threshold, the same
+    stream for every input dtype and layout (the attention's probabilities arrive as a strided
+    view); kept values are x / (1 - p) rounded once, dropped ones exactly 0, as is their gradient."""
+    import torch
+
+    import common
+
+    dropout = common._fast_dropout_class()(0.1).train()
+    x = (torch.randn(6, 5, 40) * 3).to(getattr(torch, dtype))[..., :37].requires_grad_()  # strided, odd size
+    gradient = torch.randn(6, 5, 37).to(x.dtype)
+    torch.manual_seed(11)
+    y = dropout(x)
+    y.backward(gradient)
+    torch.manual_seed(11)
+    words = torch.empty((x.numel() + 3) // 4, dtype=torch.int64).random_()
+    keep = words.view(torch.int16)[:x.numel()].view(x.shape).bitwise_and(0x7FFF) >= dropout.threshold
+    scale = 1 / (1 - dropout.threshold / 32768)
+    assert y.dtype == x.dtype and y.shape == x.shape
+    assert 0.8 < keep.float().mean().item() < 0.97
+    assert torch.equal(y, torch.where(keep, (x.detach().float() * scale).to(x.dtype), 0))
+    assert torch.equal(x.grad, torch.where(keep, (gradient.float() * scale).to(x.dtype), 0))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 @pytest.mark.parametrize("columns, padded_to", [(5, 32), (14, 32), (30, 32), (32, None), (36, None), (46, 64)])
 def test_softmax_last_dim_pads_short_and_ragged_rows_to_the_same_values(dtype, columns, padded_to):
     """Rows shorter than 32 columns, or with more than 8 past a multiple of 32, go through a softmax
