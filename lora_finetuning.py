@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import common
+import encoders
 import ner_finetuning as ner
 import sentiment_finetuning as classification
 from common import UserError
@@ -58,11 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "ner: token classification, the data flags of ner_finetuning.py.")
     # Rank 32 for classification: on SST-2 (8,000 phrases, one epoch) it closed about half of rank 8's
     # 3-point gap to full fine-tuning at the same speed (README, "Full fine-tuning vs LoRA").
-    lora_group = common.add_lora_args(parser, dropout=0.0, rank=8 if task == "ner" else 32)
-    lora_group.add_argument("--no-bf16-frozen-base", action="store_true",
-                            help="Keep the frozen base model's linear weights in fp32 (the default, on a CPU "
-                                 "in bf16, stores them in bf16 once instead of casting them at every step: "
-                                 "the same training, faster).")
+    common.add_lora_args(parser, dropout=0.0, rank=8 if task == "ner" else 32)
     lora = parser.add_argument_group("adapters and comparison")
     lora.add_argument("--adapter", action="append", metavar="DIR",
                       help="With --predict: load these adapters on one base model and predict with each in "
@@ -79,7 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       help="With --compare: learning rate of the full fine-tuning run "
                            "(default: sentiment_finetuning.py's default for the model).")
     args = parser.parse_args(argv)
-    common.check_encoder_args(parser, args)
+    encoders.check_encoder_args(parser, args)
     if not 0 <= args.lora_dropout < 1:
         parser.error("--lora-dropout must be in [0, 1)")
     if args.adapter and not (args.predict or args.predict_file):

@@ -15,6 +15,8 @@ Steps: load and check the data -> split sentences longer than --max-length into 
 words -> tokenize once, labelling the first sub-token of every word -> train (evaluating entity F1
 every epoch, keeping the best checkpoint) -> decode per word, score with seqeval (strict IOB2
 entity matching) on validation and test -> save model, metrics and logs -> report.
+This file holds what is particular to NER (reading and converting tags, word windows, decoding,
+entity scores); the run itself, shared with sentiment_finetuning.py, is encoders.run_encoder_task().
 Works offline: when the hub is unreachable the bundled MiniLM encoder is used (see README).
 """
 
@@ -24,13 +26,12 @@ import argparse
 import json
 import random
 import re
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import common
+import encoders
 from common import UserError
 
 DEFAULT_MODEL = "bert-base-cased"
@@ -80,7 +81,7 @@ def build_parser(description: str = __doc__, learning_rate: float = 5e-5, fallba
                               "(O,B-PER,I-PER,...) or a file with one name per line.")
     # No warm-up: on WNUT-17 (bundled MiniLM, lr 2e-4) one epoch reached test entity F1 0.320 without
     # it and 0.210 / 0.226 (two seeds) with 10%; after three epochs both reach ~0.43.
-    training = common.add_training_args(parser, learning_rate=learning_rate, fallback_learning_rate=fallback_learning_rate,
+    training = encoders.add_training_args(parser, learning_rate=learning_rate, fallback_learning_rate=fallback_learning_rate,
                                         warmup_ratio=0.0)
     training.add_argument(
         "--label-all-tokens", action="store_true",
@@ -90,10 +91,7 @@ def build_parser(description: str = __doc__, learning_rate: float = 5e-5, fallba
         "--metric-for-best-model", choices=("f1", "accuracy", "loss"), default="f1",
         help="Validation metric that picks the checkpoint kept at the end (f1: entity F1).")
     common.add_precision_args(parser)
-    output = common.add_output_args(parser, output_dir)
-    output.add_argument(
-        "--keep-checkpoints", action="store_true",
-        help="Keep the intermediate checkpoints (with optimizer state) after a successful run.")
+    common.add_output_args(parser, output_dir)
     predict = parser.add_argument_group("prediction (uses the model saved in --output-dir)")
     predict.add_argument("--predict", action="append", metavar="TEXT",
                          help="Print the entities found in this text (type, character span "
@@ -105,7 +103,7 @@ def build_parser(description: str = __doc__, learning_rate: float = 5e-5, fallba
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
-    common.check_encoder_args(parser, args)
+    encoders.check_encoder_args(parser, args)
     return args
 
 
@@ -665,46 +663,32 @@ def encode_split(tokenizer, split: Split, label_names: list[str], args: argparse
     return Encoded(features, windows, [list(s.tags) for s in split.sentences], split_count)
 
 
-def build_model(model: common.ResolvedModel, label_names: list[str]):
-    from transformers import AutoModelForTokenClassification
-
-    return common.load_with_fresh_head(AutoModelForTokenClassification, model, label_names, "token classification")
-
-
-def train(args, model, fresh_parameters, tokenizer, data: dict[str, Encoded], label_names, precision, output_dir: Path,
-          resume: str | None):
-    from transformers import DataCollatorForTokenClassification
-
-    validation = data["validation"]
-
+def trainer_metrics(validation: Encoded, label_names: list[str]):
+    """The validation metrics the Trainer logs and picks the best checkpoint by: per word, decoded."""
     def compute_metrics(prediction):
         tags, _ = decode(prediction.predictions, validation.windows, validation.lengths, label_names)
         metrics = ner_metrics(validation.gold, tags)
         return {key: metrics[key] for key in ("precision", "recall", "f1", "accuracy")}
-
-    trainer, interrupt = common.build_classifier_trainer(
-        args, model, fresh_parameters, tokenizer, data["train"].features, validation.features,
-        DataCollatorForTokenClassification(tokenizer), compute_metrics, precision, output_dir)
-    started = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=resume)
-    return trainer, result, time.perf_counter() - started, interrupt.interrupted
+    return compute_metrics
 
 
-def evaluate(trainer, encoded: Encoded, label_names: list[str], known=None) -> dict[str, Any]:
-    """Metrics of the trained model on a split, from `known` = (prediction, loss) when the caller
-    has them already."""
-    if known is None:
-        trainer.compute_metrics = None  # it decodes the validation windows; this split has its own
-        prediction = trainer.predict(encoded.features)
-        known = prediction, prediction.metrics.get("test_loss", float("nan"))
-    prediction, loss = known
+def evaluate(trainer, encoded: Encoded, label_names: list[str]) -> dict[str, Any]:
+    """Metrics of the trained model on a split, per word."""
+    trainer.compute_metrics = None  # it decodes the validation windows; this split has its own
+    prediction = trainer.predict(encoded.features)
     tags, _ = decode(prediction.predictions, encoded.windows, encoded.lengths, label_names)
     metrics = ner_metrics(encoded.gold, tags)
-    metrics["loss"] = float(loss)
+    metrics["loss"] = float(prediction.metrics.get("test_loss", float("nan")))
     metrics["examples"] = len(encoded.gold)
     metrics["windows"] = len(encoded.windows)
     metrics["split_sentences"] = encoded.split_count
     return metrics
+
+
+def counts(train: Encoded, epochs: float, seconds: float) -> dict[str, Any]:
+    sentences, windows = len(train.gold), len(train.features)
+    return {"examples": sentences, "windows": windows, "samples_per_s": round(windows * epochs / seconds, 2),
+            "sentences_per_s": round(sentences * epochs / seconds, 2)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -811,7 +795,7 @@ def predict(args: argparse.Namespace) -> None:
 
 
 def report(metrics: dict[str, Any], output_dir: Path) -> None:
-    common.print_run_summary(metrics, "sentences_per_s", "sentences")
+    encoders.print_run_summary(metrics, "sentences_per_s", "sentences")
     print(f"scoring    {metrics['scheme']['scoring']} (tags found: "
           + ", ".join(f"{split} {scheme}" for split, scheme in metrics["scheme"]["detected"].items()) + ")")
     rows = []
@@ -829,97 +813,55 @@ def report(metrics: dict[str, Any], output_dir: Path) -> None:
     print(f"\nsaved model, metrics.json, run_config.json, training log and plot to {output_dir}")
 
 
-def run(args: argparse.Namespace, method: str = "full") -> dict[str, Any] | None:
-    """Train and evaluate; `method` is "full" or "lora" (lora_finetuning.py --task ner). Returns the
-    metrics, or None when training was interrupted (a checkpoint was saved)."""
-    started = time.perf_counter()
-    output_dir = common.prepare_output_dir(args.output_dir, args.overwrite_output_dir, bool(args.resume_from_checkpoint))
-    resume = common.resolve_resume_checkpoint(args.resume_from_checkpoint, output_dir)
-
-    # 1. Load and check the data (before the heavy imports: bad input fails fast).
+def load_data(args: argparse.Namespace) -> encoders.EncoderData:
+    """Read, check and convert the data to IOB2; print what it holds."""
     if args.dataset:
         common.quiet_libraries()
     splits, source = load_splits(args)
     label_names = prepare_splits(args, splits)
     common.check_one_batch(len(splits["train"].sentences), args.batch_size, "sentences")
     detected = {name: split.scheme for name, split in splits.items()}
-    schemes = ", ".join(f"{name} {scheme}" for name, scheme in detected.items())
     sizes = ", ".join(f"{name} {len(split.sentences)}" for name, split in splits.items())
     types = sorted({name[2:] for name in label_names if name != "O"})
     print(f"data: {source}: {sizes} sentences; {len(types)} entity types: {', '.join(types)}")
-    print(f"tags: {schemes} (converted to IOB2; scored with {SCORING})")
+    print(f"tags: {', '.join(f'{name} {scheme}' for name, scheme in detected.items())} "
+          f"(converted to IOB2; scored with {SCORING})")
+    scheme = {"detected": detected, "converted_to": "IOB2", "scoring": SCORING,
+              "label_all_tokens": args.label_all_tokens, "max_length": args.max_length}
+    return encoders.EncoderData(splits, label_names, source, {"scheme": scheme})
 
-    # 2. Resolve the model and tokenize every split once.
-    common.quiet_libraries()
-    precision = common.set_up_hardware(args)
-    resolved = common.resolve_model(args.model_name, allow_fallback=not args.no_fallback)
-    common.settle_learning_rate(args, resolved)
-    print(f"model: {resolved.name}  method: {method}  precision: {precision}  learning rate: {args.learning_rate:g}")
-    tokenizer = load_word_tokenizer(resolved)
-    data = {name: encode_split(tokenizer, split, label_names, args, by_length=name != "train")
-            for name, split in splits.items()}
-    for name, encoded in data.items():
-        if encoded.split_count:
-            pieces = len(encoded.windows) - len(encoded.gold) + encoded.split_count
-            print(f"note: {encoded.split_count} {name} sentence(s) longer than --max-length {args.max_length} "
+
+def encode_splits(tokenizer, data: encoders.EncoderData, args: argparse.Namespace) -> dict[str, Encoded]:
+    encoded = {name: encode_split(tokenizer, split, data.label_names, args, by_length=name != "train")
+               for name, split in data.splits.items()}
+    for name, split in encoded.items():
+        if split.split_count:
+            pieces = len(split.windows) - len(split.gold) + split.split_count
+            print(f"note: {split.split_count} {name} sentence(s) longer than --max-length {args.max_length} "
                   f"tokens were split into {pieces} windows of whole words (no word is dropped).")
+    data.record["scheme"]["split_sentences"] = {name: split.split_count for name, split in encoded.items()}
+    return encoded
 
-    # 3. Build the model (with LoRA adapters when asked) and train.
-    import transformers
 
-    transformers.set_seed(args.seed)
-    model, fresh_parameters = build_model(resolved, label_names)
-    model, lora = common.prepare_encoder_for_method(model, fresh_parameters, args, method, "TOKEN_CLS", precision)
-    params = common.count_parameters(model)
-    print(common.describe_parameters(params))
-    scheme_info = {"detected": detected, "converted_to": "IOB2", "scoring": SCORING,
-                   "label_all_tokens": args.label_all_tokens, "max_length": args.max_length,
-                   "split_sentences": {name: encoded.split_count for name, encoded in data.items()}}
-    common.save_run_config(output_dir, args, {"model": resolved.name, "model_path": resolved.path, "method": method,
-                                              "task": "ner", "precision": precision, "labels": label_names,
-                                              "data": source, "scheme": scheme_info, "lora_targets": lora and lora["target_modules"]})
-    trainer, result, runtime, interrupted = train(args, model, fresh_parameters, tokenizer, data, label_names,
-                                                  precision, output_dir, resume)
-    if interrupted:
-        print(f"\ntraining interrupted; checkpoint saved. Resume with:\n  {common.resume_command(output_dir)}",
-              file=sys.stderr)
-        return None
+def data_collator(tokenizer):
+    from transformers import DataCollatorForTokenClassification
 
-    shape = common.matmul_shape(model)  # before anything unwraps the model
+    return DataCollatorForTokenClassification(tokenizer)
 
-    # 4. Save the best model (or adapter) as soon as it is known, before anything else can fail.
-    common.save_trained(trainer, tokenizer, output_dir, args.keep_checkpoints)
 
-    # 5. Evaluate it on validation and test, per word; metrics and logs; then report.
-    # The final model's validation predictions come from its evaluation during training if this process ran it
-    # (a one-epoch run evaluates it here, after saving it).
-    validation = evaluate(trainer, data["validation"], label_names, known=trainer.final_validation_prediction())
-    test = evaluate(trainer, data["test"], label_names) if "test" in data else None
-    records = common.read_jsonl(output_dir / common.TRAINING_LOG_FILE)
-    eval_time = common.evaluation_seconds_during_training(records)
-    train_time = max(runtime - eval_time, 1e-6)  # throughput counts training steps only
-    sentences = len(data["train"].gold)
-    # Real (non-padding) tokens trained on: every window's length, once per epoch (benchmarks/run_all.py).
-    lengths = [len(feature["input_ids"]) for feature in data["train"].features]
-    tokens, tokens_squared = common.token_totals(lengths, args.epochs)
-    train_stats = {"runtime_s": round(runtime, 2), "eval_time_s": round(eval_time, 2),
-                   **common.throughput_figures(shape, precision, train_time, tokens, tokens_squared),
-                   "samples_per_s": round(len(data["train"].features) * args.epochs / train_time, 2),
-                   "sentences_per_s": round(sentences * args.epochs / train_time, 2),
-                   "tokens": round(tokens), "tokens_per_s": round(tokens / train_time, 1),
-                   "steps": result.global_step, "examples": sentences, "windows": len(data["train"].features),
-                   "epochs": args.epochs, "final_loss": round(result.training_loss, 4),
-                   "peak_rss_mb": common.peak_rss_mb(), "wall_time_s": round(time.perf_counter() - started, 2)}
-    extra = {"labels": label_names, "scheme": scheme_info, "saved_size_mb": common.directory_size_mb(output_dir)}
-    if lora:
-        extra["lora"] = lora
-    metrics = common.build_metrics("token-classification", method, resolved.name, precision, params,
-                                   train_stats, validation, test, extra)
-    common.write_json(output_dir / common.METRICS_FILE, metrics)
-    title = "NER full fine-tuning" if method == "full" else f"NER LoRA r={args.lora_r}"
-    common.plot_training_curves(records, "f1", output_dir / common.PLOT_FILE, f"{Path(resolved.name).name}: {title}")
-    report(metrics, output_dir)
-    return metrics
+TASK = encoders.EncoderTask(
+    name="ner", metrics_task="token-classification", kind="token-classification",
+    peft_task_type="TOKEN_CLS", auto_class="AutoModelForTokenClassification",
+    logged_metrics=("f1", "precision", "recall", "accuracy"), rate=("sentences_per_s", "sentences"),
+    load_data=load_data, load_tokenizer=load_word_tokenizer, encode=encode_splits,
+    collator=data_collator, compute_metrics=trainer_metrics, evaluate=evaluate, counts=counts,
+    report=report)
+
+
+def run(args: argparse.Namespace, method: str = "full") -> dict[str, Any] | None:
+    """Train and evaluate; `method` is "full" or "lora" (lora_finetuning.py --task ner). Returns the
+    metrics, or None when training was interrupted (a checkpoint was saved)."""
+    return encoders.run_encoder_task(args, method, TASK)
 
 
 def main() -> int:

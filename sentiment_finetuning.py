@@ -6,20 +6,22 @@
     python sentiment_finetuning.py --output-dir ./results --predict "what a great film"
 
 Steps: load data -> tokenize once -> build model -> train (evaluating every epoch, keeping the
-best checkpoint) -> evaluate on validation and test -> save model, metrics and logs -> report.
+best checkpoint) -> save the model -> evaluate on validation and test -> metrics and logs ->
+report. This file holds what is particular to text classification (the data, the metrics, the
+report); the run itself, shared with ner_finetuning.py, is encoders.run_encoder_task().
 Works offline: when the hub is unreachable the bundled MiniLM encoder is used (see README).
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import common
+import encoders
 from common import UserError
 
 DEFAULT_MODEL = "distilbert-base-uncased"
@@ -39,21 +41,15 @@ def build_parser(description: str = __doc__, learning_rate: float = 2e-5, fallba
     columns = parser.add_argument_group("columns")
     columns.add_argument("--text-column", help=f"Column with the text (auto: one of {', '.join(TEXT_COLUMNS[:5])}, ...).")
     columns.add_argument("--label-column", help=f"Column with the label (auto: one of {', '.join(LABEL_COLUMNS[:5])}, ...).")
-    training = common.add_training_args(parser, learning_rate=learning_rate, fallback_learning_rate=fallback_learning_rate,
-                                        head_lr_multiplier=head_lr_multiplier)
-    training.add_argument(
-        "--no-first-token-shortcut", action="store_true",
-        help="Compute every position in the last encoder layer (the default computes only the "
-             "[CLS] position that the classifier reads, where the architecture allows: same logits, "
-             "less work).")
+    training = encoders.add_training_args(parser, learning_rate=learning_rate, fallback_learning_rate=fallback_learning_rate)
+    training.add_argument("--head-lr-multiplier", type=common.positive_float, default=head_lr_multiplier,
+                          help="Learning-rate multiplier for the freshly initialised classification head "
+                               "(parameters missing from the pretrained checkpoint).")
     training.add_argument(
         "--metric-for-best-model", choices=("accuracy", "f1_macro", "loss"), default="accuracy",
         help="Validation metric that picks the checkpoint kept at the end.")
     common.add_precision_args(parser)
-    output = common.add_output_args(parser, output_dir)
-    output.add_argument(
-        "--keep-checkpoints", action="store_true",
-        help="Keep the intermediate checkpoints (with optimizer state) after a successful run.")
+    common.add_output_args(parser, output_dir)
     predict = parser.add_argument_group("prediction (uses the model saved in --output-dir)")
     predict.add_argument("--predict", action="append", metavar="TEXT",
                          help="Classify this text and exit (repeatable).")
@@ -64,7 +60,7 @@ def build_parser(description: str = __doc__, learning_rate: float = 2e-5, fallba
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
-    common.check_encoder_args(parser, args)
+    encoders.check_encoder_args(parser, args)
     return args
 
 
@@ -154,6 +150,19 @@ def build_label_mapping(train_labels: list[Any], names: list[str] | None) -> lis
     return [str(label) for label in ordered]
 
 
+def load_data(args: argparse.Namespace) -> encoders.EncoderData:
+    """Read, check and split the data; print what it holds."""
+    raw, source = load_splits(args)
+    examples, label_names = prepare_examples(args, raw)
+    if len(examples["train"]) < len(label_names):
+        raise UserError(f"only {len(examples['train'])} training examples for {len(label_names)} classes: too few "
+                        "to learn every class; add data or pass --validation-file.")
+    common.check_one_batch(len(examples["train"]), args.batch_size, "examples")
+    sizes = ", ".join(f"{split} {len(items)}" for split, items in examples.items())
+    print(f"data: {source}: {sizes} examples; {len(label_names)} classes: {', '.join(label_names)}")
+    return encoders.EncoderData(examples, label_names, source, {})
+
+
 def prepare_examples(args: argparse.Namespace, raw: dict[str, list[dict]]) -> tuple[dict[str, list[tuple[str, int]]], list[str]]:
     """Pick columns, map labels to ids, check them, split off validation and subsample."""
     columns = list(raw["train"][0].keys())
@@ -204,6 +213,13 @@ def split_validation(examples: list[tuple[str, int]], fraction: float, seed: int
     return train, validation
 
 
+@dataclass
+class Encoded:
+    """A tokenized split: one feature dict (input ids, attention mask, label) per example."""
+
+    features: list[dict]
+
+
 def tokenize(tokenizer, examples: list[tuple[str, int]], max_length: int) -> tuple[list[dict], int]:
     """Tokenize a split once (no padding: batches are padded dynamically). Returns rows and #truncated."""
     texts = [text for text, _ in examples]
@@ -217,15 +233,22 @@ def tokenize(tokenizer, examples: list[tuple[str, int]], max_length: int) -> tup
     return rows, truncated
 
 
+def encode_splits(tokenizer, data: encoders.EncoderData, args: argparse.Namespace) -> dict[str, Encoded]:
+    encoded = {}
+    for split, items in data.splits.items():
+        rows, truncated = tokenize(tokenizer, items, args.max_length)
+        if truncated:
+            print(f"note: {truncated} {split} example(s) were cut to --max-length {args.max_length} tokens.")
+        if split != "train":
+            # Evaluation batches of similar lengths carry little padding; the metrics do not depend on order.
+            rows.sort(key=lambda row: len(row["input_ids"]))
+        encoded[split] = Encoded(rows)
+    return encoded
+
+
 # --------------------------------------------------------------------------------------------
-# Model, training, evaluation
+# Metrics and evaluation
 # --------------------------------------------------------------------------------------------
-
-
-def build_model(model: common.ResolvedModel, label_names: list[str]):
-    from transformers import AutoModelForSequenceClassification
-
-    return common.load_with_fresh_head(AutoModelForSequenceClassification, model, label_names, "sequence classification")
 
 
 def classification_metrics(logits, labels, label_names: list[str]) -> dict[str, Any]:
@@ -245,35 +268,31 @@ def classification_metrics(logits, labels, label_names: list[str]) -> dict[str, 
     }
 
 
-def train(args, model, fresh_parameters, tokenizer, datasets: dict[str, list[dict]], label_names, precision,
-          output_dir: Path, resume: str | None):
-    from transformers import DataCollatorWithPadding
-
+def trainer_metrics(validation: Encoded, label_names: list[str]):
+    """The validation metrics the Trainer logs and picks the best checkpoint by."""
     def compute_metrics(prediction):
         metrics = classification_metrics(prediction.predictions, prediction.label_ids, label_names)
         return {"accuracy": metrics["accuracy"], "f1_macro": metrics["f1_macro"]}
-
-    trainer, interrupt = common.build_classifier_trainer(
-        args, model, fresh_parameters, tokenizer, datasets["train"], datasets["validation"],
-        DataCollatorWithPadding(tokenizer), compute_metrics, precision, output_dir)
-    started = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=resume)
-    return trainer, result, time.perf_counter() - started, interrupt.interrupted
+    return compute_metrics
 
 
-def evaluate(trainer, dataset: list[dict], label_names: list[str], prediction=None) -> dict[str, Any]:
-    """Metrics of the trained model on `dataset`, from `prediction` when the caller has it already."""
+def evaluate(trainer, split: Encoded, label_names: list[str]) -> dict[str, Any]:
+    """Metrics of the trained model on `split`."""
     import torch
 
-    prediction = prediction or trainer.predict(dataset)
+    prediction = trainer.predict(split.features)
     metrics = classification_metrics(prediction.predictions, prediction.label_ids, label_names)
     # The mean loss over the examples, from the gathered logits: under torchrun the Trainer's
     # test_loss averages per-batch losses, one of which includes the examples repeated to even out
     # the last batch across processes.
     metrics["loss"] = float(torch.nn.functional.cross_entropy(torch.as_tensor(prediction.predictions).float(),
                                                               torch.as_tensor(prediction.label_ids).long()))
-    metrics["examples"] = len(dataset)
+    metrics["examples"] = len(split.features)
     return metrics
+
+
+def counts(train: Encoded, epochs: float, seconds: float) -> dict[str, Any]:
+    return {"examples": len(train.features), "samples_per_s": round(len(train.features) * epochs / seconds, 2)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -327,7 +346,7 @@ def predict(args: argparse.Namespace) -> None:
 
 
 def report(metrics: dict[str, Any], output_dir: Path) -> None:
-    common.print_run_summary(metrics, "samples_per_s", "samples")
+    encoders.print_run_summary(metrics, "samples_per_s", "samples")
     rows = []
     for split in ("validation", "test"):
         if split in metrics:
@@ -342,89 +361,24 @@ def report(metrics: dict[str, Any], output_dir: Path) -> None:
     print(f"\nsaved model, metrics.json, run_config.json, training log and plot to {output_dir}")
 
 
+def data_collator(tokenizer):
+    from transformers import DataCollatorWithPadding
+
+    return DataCollatorWithPadding(tokenizer)
+
+
+TASK = encoders.EncoderTask(
+    name="classification", metrics_task="text-classification", kind="sequence-classification",
+    peft_task_type="SEQ_CLS", auto_class="AutoModelForSequenceClassification",
+    logged_metrics=("accuracy", "f1_macro"), rate=("samples_per_s", "samples"),
+    load_data=load_data, load_tokenizer=common.load_tokenizer, encode=encode_splits, collator=data_collator,
+    compute_metrics=trainer_metrics, evaluate=evaluate, counts=counts, report=report)
+
+
 def run(args: argparse.Namespace, method: str = "full") -> dict[str, Any] | None:
     """Train and evaluate; `method` is "full" or "lora" (lora_finetuning.py). Returns the metrics,
     or None when training was interrupted (a checkpoint was saved)."""
-    started = time.perf_counter()
-    output_dir = common.prepare_output_dir(args.output_dir, args.overwrite_output_dir, bool(args.resume_from_checkpoint))
-    resume = common.resolve_resume_checkpoint(args.resume_from_checkpoint, output_dir)
-    common.quiet_libraries()
-    precision = common.set_up_hardware(args)
-
-    # 1. Load and check the data.
-    raw, source = load_splits(args)
-    examples, label_names = prepare_examples(args, raw)
-    if len(examples["train"]) < len(label_names):
-        raise UserError(f"only {len(examples['train'])} training examples for {len(label_names)} classes: too few "
-                        "to learn every class; add data or pass --validation-file.")
-    common.check_one_batch(len(examples["train"]), args.batch_size, "examples")
-    sizes = ", ".join(f"{split} {len(items)}" for split, items in examples.items())
-    print(f"data: {source}: {sizes} examples; {len(label_names)} classes: {', '.join(label_names)}")
-
-    # 2. Resolve the model and tokenize every split once.
-    resolved = common.resolve_model(args.model_name, allow_fallback=not args.no_fallback)
-    common.settle_learning_rate(args, resolved)
-    print(f"model: {resolved.name}  method: {method}  precision: {precision}  learning rate: {args.learning_rate:g}")
-    tokenizer = common.load_tokenizer(resolved)
-    datasets = {}
-    for split, items in examples.items():
-        datasets[split], truncated = tokenize(tokenizer, items, args.max_length)
-        if truncated:
-            print(f"note: {truncated} {split} example(s) were cut to --max-length {args.max_length} tokens.")
-        if split != "train":
-            # Evaluation batches of similar lengths carry little padding; the metrics do not depend on order.
-            datasets[split].sort(key=lambda row: len(row["input_ids"]))
-
-    # 3. Build the model (with LoRA adapters when asked) and train.
-    import transformers
-
-    transformers.set_seed(args.seed)
-    model, fresh_parameters = build_model(resolved, label_names)
-    model, lora = common.prepare_encoder_for_method(model, fresh_parameters, args, method, "SEQ_CLS", precision)
-    params = common.count_parameters(model)
-    print(common.describe_parameters(params))
-    common.save_run_config(output_dir, args, {"model": resolved.name, "model_path": resolved.path, "method": method,
-                                              "task": "classification", "precision": precision, "labels": label_names,
-                                              "data": source, "lora_targets": lora and lora["target_modules"]})
-    trainer, result, runtime, interrupted = train(args, model, fresh_parameters, tokenizer, datasets, label_names,
-                                                  precision, output_dir, resume)
-    if interrupted:
-        print(f"\ntraining interrupted; checkpoint saved. Resume with:\n  {common.resume_command(output_dir)}",
-              file=sys.stderr)
-        return None
-
-    shape = common.matmul_shape(model, sequence_head=True)  # before anything unwraps the model
-
-    # 4. Save the best model (or adapter) as soon as it is known, before anything else can fail.
-    common.save_trained(trainer, tokenizer, output_dir, args.keep_checkpoints)
-
-    # 5. Evaluate it on validation and test; metrics and logs; then report.
-    final = trainer.final_validation_prediction()  # from its evaluation during training, or now in a one-epoch run
-    validation = evaluate(trainer, datasets["validation"], label_names, prediction=final[0] if final else None)
-    test = evaluate(trainer, datasets["test"], label_names) if "test" in datasets else None
-    records = common.read_jsonl(output_dir / common.TRAINING_LOG_FILE)
-    eval_time = common.evaluation_seconds_during_training(records)
-    # Real (non-padding) tokens trained on: every input's length, once per epoch (benchmarks/run_all.py).
-    lengths = [len(row["input_ids"]) for row in datasets["train"]]
-    tokens, tokens_squared = common.token_totals(lengths, args.epochs)
-    train_time = max(runtime - eval_time, 1e-6)  # throughput counts training steps only
-    train_stats = {"runtime_s": round(runtime, 2), "eval_time_s": round(eval_time, 2),
-                   "samples_per_s": round(len(datasets["train"]) * args.epochs / train_time, 2),
-                   "tokens": round(tokens), "tokens_per_s": round(tokens / train_time, 1),
-                   **common.throughput_figures(shape, precision, train_time, tokens, tokens_squared),
-                   "steps": result.global_step, "examples": len(datasets["train"]), "epochs": args.epochs,
-                   "final_loss": round(result.training_loss, 4), "peak_rss_mb": common.peak_rss_mb(),
-                   "wall_time_s": round(time.perf_counter() - started, 2)}
-    extra = {"labels": label_names, "saved_size_mb": common.directory_size_mb(output_dir)}
-    if lora:
-        extra["lora"] = lora
-    metrics = common.build_metrics("text-classification", method, resolved.name, precision, params,
-                                   train_stats, validation, test, extra)
-    common.write_json(output_dir / common.METRICS_FILE, metrics)
-    title = "full fine-tuning" if method == "full" else f"LoRA r={args.lora_r}"
-    common.plot_training_curves(records, "accuracy", output_dir / common.PLOT_FILE, f"{Path(resolved.name).name}: {title}")
-    report(metrics, output_dir)
-    return metrics
+    return encoders.run_encoder_task(args, method, TASK)
 
 
 def main() -> int:

@@ -47,7 +47,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import common  # noqa: E402  (the project's helpers: its bf16 check, the bundled-model paths, FLOP counting)
+import common  # noqa: E402  (the project's helpers: its bf16 check, the bundled-model paths)
+import flops  # noqa: E402  (FLOP counting)
 
 RECIPES = ("plain", "tuned")
 TASKS = ("classification", "ner", "causal-lm")
@@ -445,7 +446,7 @@ def run_causal_lm(args: argparse.Namespace) -> None:
 
 def flop_shape(task: str, model_name: str, gguf_file: str | None = None, lora_targets: list[str] | None = None,
                lora_r: int = 8) -> dict[str, int]:
-    """common.matmul_shape() of the task's model built on the meta device (no weights are
+    """flops.matmul_shape() of the task's model built on the meta device (no weights are
     loaded), with LoRA adapters when `lora_targets` is given (the base weights then count as frozen)."""
     import torch
     from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification,
@@ -461,7 +462,7 @@ def flop_shape(task: str, model_name: str, gguf_file: str | None = None, lora_ta
 
             task_type = {"classification": "SEQ_CLS", "ner": "TOKEN_CLS", "causal-lm": "CAUSAL_LM"}[task]
             model = get_peft_model(model, LoraConfig(task_type=task_type, r=lora_r, target_modules=lora_targets))
-    return common.matmul_shape(model, sequence_head=task == "classification")
+    return flops.matmul_shape(model, sequence_head=task == "classification")
 
 
 def main() -> int:

@@ -86,8 +86,9 @@ sys.path.insert(0, str(BENCHMARKS))
 
 import baselines  # noqa: E402
 import common  # noqa: E402
+import flops  # noqa: E402
 import sentiment_sst2  # noqa: E402  (the held-out sentence split)
-import text_generation_lora  # noqa: E402  (where it keeps converted GGUF models)
+import speedups  # noqa: E402  (where it keeps converted GGUF models)
 
 TASKS = ("sentiment", "ner", "lora", "text-generation")
 RUNS = ("project", "tuned", "plain")
@@ -213,12 +214,12 @@ def prepare_shakespeare(data_dir: Path, work: Path) -> dict[str, Path]:
 
 
 def measure_peak(repeats: int) -> dict[str, float]:
-    """GFLOP/s of a 2048x2048 matrix product per precision (common.matmul_peak_gflops): the
+    """GFLOP/s of a 2048x2048 matrix product per precision (flops.matmul_peak_gflops): the
     machine's practical peak, the denominator of MFU."""
     import torch
 
     precisions = ("fp32", "bf16", "fp16") if torch.cuda.is_available() else ("fp32", "bf16")
-    return {name: common.matmul_peak_gflops(name, repeats) for name in precisions}
+    return {name: flops.matmul_peak_gflops(name, repeats) for name in precisions}
 
 
 def measure_peak_in_child(repeats: int, env: dict[str, str]) -> dict[str, float]:
@@ -260,7 +261,7 @@ def convert_bundled_causal_lm(cache: Path, env: dict[str, str]) -> dict[str, Any
     """Convert the bundled GGUF model to the ordinary checkpoint the text-generation script makes on
     first use, into a fresh cache that its runs then use (sets the cache variable in `env`)."""
     shutil.rmtree(cache, ignore_errors=True)
-    env[text_generation_lora.CACHE_DIR_ENV] = str(cache)
+    env[speedups.CACHE_DIR_ENV] = str(cache)
     convert = ("import common, text_generation_lora as script; script.converted_gguf(common.ResolvedModel("
                "path=str(common.bundled_causal_lm_dir()), name='', gguf_file=common.BUNDLED_CAUSAL_LM_FILE))")
     print(f"converting the bundled {common.BUNDLED_CAUSAL_LM_FILE} into {cache}...", flush=True)
@@ -414,7 +415,7 @@ def workload(task: str, files: dict[str, Path], args: argparse.Namespace, encode
         texts, _ = baselines.read_tsv(str(files["train"]))
         encoded = tokenizer(texts, truncation=True, max_length=args.max_length)
     lengths = [len(ids) for ids in encoded["input_ids"]]
-    tokens, tokens_squared = common.token_totals(lengths, args.epochs)
+    tokens, tokens_squared = flops.token_totals(lengths, args.epochs)
     return {"samples": round(len(lengths) * args.epochs), "tokens": round(tokens), "tokens_squared": round(tokens_squared)}
 
 
@@ -434,7 +435,7 @@ def quality_text(task: str, row: dict[str, Any]) -> str:
     return text + (" †" if row.get("extrapolated") else "")
 
 
-def speedups(project: dict[str, Any], baseline: dict[str, Any]) -> tuple[float | None, float | None]:
+def speed_ratios(project: dict[str, Any], baseline: dict[str, Any]) -> tuple[float | None, float | None]:
     """How many times faster the project's run was than a baseline's: end to end, training."""
     end_to_end = (round(baseline["end_to_end_s"] / project["end_to_end_s"], 3)
                   if baseline["end_to_end_s"] and project["end_to_end_s"] else None)
@@ -457,7 +458,7 @@ def task_table(task: str, result: dict[str, Any]) -> list[str]:
             continue
         speedup = "—"
         if project and "error" not in project and run != "project":
-            e2e, train = speedups(project, row)
+            e2e, train = speed_ratios(project, row)
             speedup = f"{e2e:.2f}x / {train:.2f}x" if e2e and train else "—"
         mark = " *" if row.get("extrapolated") else ""
         lines.append(
@@ -485,7 +486,7 @@ def rounds_table(task: str, result: dict[str, Any]) -> list[str]:
                          f"{fmt_seconds(row['end_to_end_s'])} / {fmt_seconds(row['train_s'])} ({quality_text(task, row)})")
         if compare:
             project, tuned = rows.get("project"), rows.get("tuned")
-            pair = speedups(project, tuned) if project and tuned and "error" not in project and "error" not in tuned else None
+            pair = speed_ratios(project, tuned) if project and tuned and "error" not in project and "error" not in tuned else None
             if pair is None or None in pair:
                 cells.append("—")
             else:
@@ -691,7 +692,7 @@ def main() -> int:
             warnings.simplefilter("ignore")
             result["flop_shape"] = baselines.flop_shape(BASELINE_TASK[task], model["path"], model.get("gguf_file"),
                                                         lora["targets"] if lora else None, lora["r"] if lora else 8)
-        result["training_flops"] = common.training_flops(result["flop_shape"], result["workload"]["tokens"],
+        result["training_flops"] = flops.training_flops(result["flop_shape"], result["workload"]["tokens"],
                                                           result["workload"]["tokens_squared"])
         if lora:
             result["lora_text"] = f"r={lora['r']}, alpha={lora['alpha']:g}, targets {' '.join(lora['targets'])}"
@@ -710,7 +711,7 @@ def main() -> int:
             for run in ("tuned", "plain"):
                 row = result["rows"].get(run)
                 if row and "error" not in row:
-                    project[f"speedup_end_to_end_vs_{run}"], project[f"speedup_training_vs_{run}"] = speedups(project, row)
+                    project[f"speedup_end_to_end_vs_{run}"], project[f"speedup_training_vs_{run}"] = speed_ratios(project, row)
 
     peak_end = measure_peak_in_child(args.peak_repeats, env)
     peak = {name: max(peak_start[name], peak_end.get(name, 0.0)) for name in peak_start}
@@ -735,7 +736,7 @@ def main() -> int:
                                     "a gripping , funny and moving film"], args.cli_repeats, os.environ.copy())
     generation_dir = work / "runs" / "text-generation" / "project"
     if (generation_dir / "adapter_config.json").is_file():
-        cache = {text_generation_lora.CACHE_DIR_ENV: gguf_conversion["cache"]} if gguf_conversion else {}
+        cache = {speedups.CACHE_DIR_ENV: gguf_conversion["cache"]} if gguf_conversion else {}
         cli["generate"] = best_time([sys.executable, str(ROOT / "text_generation_lora.py"), "--output-dir",
                                      str(generation_dir), "--prompt", "ROMEO:", "--max-new-tokens", "20"],
                                     args.cli_repeats, {**os.environ, **cache})

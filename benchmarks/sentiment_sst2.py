@@ -2,7 +2,7 @@
 """Benchmark: sentiment_finetuning.py on real SST-2 data, judged on unseen sentences and another domain.
 
     python benchmarks/sentiment_sst2.py                       # needs ../shared/data/sst2/train.tsv
-    python benchmarks/sentiment_sst2.py -- --no-length-grouping   # extra flags go to the script
+    python benchmarks/sentiment_sst2.py -- --no-speedups          # extra flags go to the script
 
 SST-2's train.tsv holds every phrase of each sentence, so a random split leaks test sentences into
 training through their sub-phrases. This benchmark holds out 1,000 whole sentences (rows that are

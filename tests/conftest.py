@@ -39,6 +39,7 @@ class Result:
     returncode: int
     stdout: str
     stderr: str
+    output_changed: bool = False  # set by in-process runs: the failed run changed its --output-dir
 
 
 def run_script(script: str, *args: str, cwd: Path | None = None, timeout: int = 300) -> Result:
@@ -53,15 +54,33 @@ def run_command(command: list, cwd: Path | None = None, timeout: int = 300) -> R
     return Result(completed.returncode, completed.stdout, completed.stderr)
 
 
-def assert_clean_error(result: Result, *fragments: str) -> str:
-    """A user error: non-zero exit, no traceback, one 'error:' line that mentions each fragment."""
-    assert result.returncode != 0, result.stdout + result.stderr
+EXPECTED_PRECISION = "bf16" if "avx512_bf16" in Path("/proc/cpuinfo").read_text(errors="ignore") \
+    or "amx_bf16" in Path("/proc/cpuinfo").read_text(errors="ignore") else "fp32"  # the CPU's; no GPU in the tests
+requires_cpu_bf16 = pytest.mark.skipif(EXPECTED_PRECISION != "bf16", reason="the CPU has no native bf16 (AVX-512 BF16 or AMX)")
+
+
+def assert_clean_error(result: Result, *fragments: str, untouched: tuple[Path, dict] | None = None) -> str:
+    """A user error: exit code 2, no traceback, one 'error:' line that mentions each fragment, and
+    with `untouched` = (directory, snapshot(directory) taken before the run) that directory as it was."""
+    assert result.returncode == 2, result.stdout + result.stderr
     assert "Traceback" not in result.stderr, result.stderr
     lines = [line for line in result.stderr.strip().splitlines() if line.startswith("error:")]
     assert len(lines) == 1, result.stderr
     for fragment in fragments:
         assert fragment.lower() in lines[0].lower(), lines[0]
+    assert not result.output_changed, "the failed run changed its --output-dir"
+    if untouched is not None:
+        directory, before = untouched
+        assert snapshot(directory) == before, f"{directory} changed"
     return lines[0]
+
+
+def snapshot(directory: Path) -> dict[str, bytes | None]:
+    """Every file's bytes (and every folder) under `directory`; {} when it does not exist."""
+    if not directory.exists():
+        return {}
+    return {str(p.relative_to(directory)): (p.read_bytes() if p.is_file() else None)
+            for p in sorted(directory.rglob("*"))}
 
 
 def training_log(output_dir: Path) -> list[dict]:

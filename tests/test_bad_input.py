@@ -1,6 +1,5 @@
-"""Bad input, for all four scripts: one clear `error:` line on stderr, a non-zero exit, no
-traceback, and nothing saved before is changed. README.md's "Errors" table lists these cases and
-names the test behind each row.
+"""Bad input, for all four scripts: one clear `error:` line on stderr, exit code 2, no traceback,
+and nothing saved before is changed. docs/errors.md lists these cases.
 
 The scripts run inside this process, through the same `common.run_cli(main)` that `python script.py`
 runs: a fresh interpreter per case would spend most of this file importing torch and transformers
@@ -21,14 +20,16 @@ import traceback
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, Result, assert_clean_error, run_script, write_rows
+from conftest import ROOT, Result, assert_clean_error, run_script, snapshot, write_rows
 
 import common
 
 SENTIMENT, NER, LORA, GENERATION = ("sentiment_finetuning.py", "ner_finetuning.py", "lora_finetuning.py",
                                     "text_generation_lora.py")
-SCRIPTS = (SENTIMENT, NER, LORA, GENERATION)
-ENCODER_SCRIPTS = (SENTIMENT, NER, LORA)
+LORA_NER = "lora_finetuning.py --task ner"  # LoRA on NER data: lora_finetuning.py with ner_finetuning.py's data flags
+SCRIPTS = (SENTIMENT, NER, LORA, LORA_NER, GENERATION)
+ENCODER_SCRIPTS = (SENTIMENT, NER, LORA, LORA_NER)
+NER_DATA = (NER, LORA_NER)
 
 
 @pytest.fixture(autouse=True)
@@ -41,10 +42,16 @@ def offline(monkeypatch):
 
 
 def run_main(script: str, *args) -> Result:
-    """Run `python script ARGS` in this process: exit code, stdout and stderr as a subprocess gives them."""
-    module = importlib.import_module(script.removesuffix(".py"))
+    """Run `python script ARGS` in this process: exit code, stdout and stderr as a subprocess gives
+    them. The --output-dir is compared before and after: `result.output_changed` says whether the
+    failed run changed anything in it (a new, empty directory is no change)."""
+    file, *first = script.split()
+    module = importlib.import_module(file.removesuffix(".py"))
+    args = [*first, *map(str, args)]
+    output_dir = Path(args[args.index("--output-dir") + 1]) if "--output-dir" in args else None
+    before = snapshot(output_dir) if output_dir else {}
     stdout, stderr = io.StringIO(), io.StringIO()
-    saved_argv, sys.argv = sys.argv, [str(ROOT / script), *map(str, args)]
+    saved_argv, sys.argv = sys.argv, [str(ROOT / file), *args]
     code = 0
     try:
         with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
@@ -57,13 +64,8 @@ def run_main(script: str, *args) -> Result:
                 code = 1
     finally:
         sys.argv = saved_argv
-    return Result(code, stdout.getvalue(), stderr.getvalue())
-
-
-def snapshot(directory: Path) -> dict[str, bytes | None]:
-    """Every file's bytes (and every folder) under `directory`."""
-    return {str(p.relative_to(directory)): (p.read_bytes() if p.is_file() else None)
-            for p in sorted(directory.rglob("*"))}
+    changed = output_dir is not None and snapshot(output_dir) != before
+    return Result(code, stdout.getvalue(), stderr.getvalue(), output_changed=changed)
 
 
 @pytest.fixture
@@ -88,7 +90,7 @@ def conll(path: Path, sentences: int) -> Path:
 
 def train_file_for(script: str, tmp_path: Path, n: int = 40) -> Path:
     """A small valid training file for the script."""
-    if script == NER:
+    if script in NER_DATA:
         return conll(tmp_path / "train.conll", n)
     if script == GENERATION:
         path = tmp_path / "train.txt"
@@ -140,7 +142,7 @@ def test_unknown_extension(script, name, guard, tmp_path):
 @pytest.mark.parametrize("script, name", [(SENTIMENT, "train.csv"), (LORA, "train.tsv"), (NER, "train.conll"),
                                           (GENERATION, "train.txt")])
 def test_undecodable_bytes(script, name, guard, tmp_path):
-    content = "Café B-LOC\n" if script == NER else "text\tlabel\ncafé au lait\tgood\n" if name.endswith("tsv") \
+    content = "Café B-LOC\n" if script in NER_DATA else "text\tlabel\ncafé au lait\tgood\n" if name.endswith("tsv") \
         else "text,label\ncafé au lait,good\n"
     (tmp_path / name).write_bytes(content.encode("latin-1"))
     result = run_main(script, *guard, *out(tmp_path), "--train-file", tmp_path / name)
@@ -285,7 +287,7 @@ def test_too_few_examples_after_subsampling(guard, tmp_path):
 ], ids=["epochs-0", "batch-size--1", "fp16-bf16", "validation-split-1.5"])
 def test_impossible_flags(script, args, fragments, tmp_path):
     line = assert_clean_error(run_main(script, *out(tmp_path), *args), *fragments)
-    assert line.endswith(f"see {script} --help."), line
+    assert line.endswith(f"see {script.split()[0]} --help."), line
     assert not (tmp_path / "out").exists(), "flags are checked before anything is written"
 
 
@@ -376,6 +378,67 @@ def test_model_directory_without_config(script, tmp_path):
     assert_clean_error(result, "the directory has no config.json")
 
 
+@pytest.fixture
+def hub(monkeypatch) -> dict:
+    """The Hugging Face hub client as the test sets it: nothing cached, and model_info() answering
+    with hub["answer"] (an exception is raised, as the client raises it)."""
+    import huggingface_hub
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *args, **kwargs: None)
+    state: dict = {}
+
+    def model_info(name, **kwargs):
+        state.setdefault("asked", []).append(name)
+        raise state["answer"]
+
+    monkeypatch.setattr(huggingface_hub, "model_info", model_info)
+    return state
+
+
+def repository_not_found(name: str):
+    import httpx2
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    request = httpx2.Request("GET", f"https://huggingface.co/api/models/{name}")
+    return RepositoryNotFoundError(f"404 Client Error: Repository Not Found for url: {request.url}",
+                                   response=httpx2.Response(404, request=request))
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_model_the_hub_does_not_have(script, hub, tmp_path):
+    hub["answer"] = repository_not_found("no-such-org/no-such-model")
+    result = run_main(script, *out(tmp_path), "--model-name", "no-such-org/no-such-model")
+    assert_clean_error(result, "'no-such-org/no-such-model' was not found on the Hugging Face hub", "check the spelling")
+    assert hub["asked"] == ["no-such-org/no-such-model"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("failure", [ConnectionError("[Errno -3] Temporary failure in name resolution"),
+                                     TimeoutError("The read operation timed out"), OSError("Network is unreachable")],
+                         ids=["dns", "timeout", "network"])
+def test_an_unreachable_hub_without_fallback(script, failure, hub, tmp_path):
+    hub["answer"] = failure
+    result = run_main(script, *out(tmp_path), "--model-name", "some-org/some-model", "--no-fallback")
+    assert_clean_error(result, "'some-org/some-model' is not cached and the Hugging Face hub cannot be reached",
+                       "--no-fallback")
+
+
+@pytest.mark.skipif(common.bundled_encoder_dir() is None or common.bundled_causal_lm_dir() is None,
+                    reason="the bundled models (requirements-offline.txt) are not installed")
+def test_an_unreachable_hub_falls_back_to_the_bundled_models(hub, capsys):
+    hub["answer"] = ConnectionError("[Errno -3] Temporary failure in name resolution")
+    encoder = common.resolve_model("distilbert-base-uncased")
+    assert encoder.fallback and encoder.path == str(common.bundled_encoder_dir())
+    causal_lm = common.resolve_model("gpt2", kind="causal-lm")
+    assert causal_lm.fallback and causal_lm.gguf_file == common.BUNDLED_CAUSAL_LM_FILE
+    notes = capsys.readouterr().out.splitlines()
+    assert len(notes) == 2 and all("the Hugging Face hub is unreachable" in note for note in notes)
+    hub["answer"] = repository_not_found("distilbert-base-uncasd")
+    with pytest.raises(common.UserError, match="was not found on the Hugging Face hub"):
+        common.resolve_model("distilbert-base-uncasd")  # a misspelt name is an error, never a silent switch
+
+
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_unreachable_model_without_fallback(script, tmp_path):
     result = run_main(script, *out(tmp_path), "--model-name", "no-such-org/no-such-model", "--no-fallback")
@@ -395,7 +458,7 @@ def test_model_directory_without_weights(script, tiny_encoder, tiny_gpt2, tmp_pa
     model = tmp_path / "no-weights"
     shutil.copytree(tiny_gpt2 if script == GENERATION else tiny_encoder, model,
                     ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
-    result = run_main(script, *out(tmp_path), "--model-name", model, "--max-train-samples", "16")
+    result = run_main(script, *out(tmp_path), "--model-name", model)
     assert_clean_error(result, "could not load", "no-weights", "no file named")
 
 
@@ -491,7 +554,7 @@ def write_saved_model(directory: Path, script: str) -> Path:
     files = {"config.json": json.dumps({"model_type": "bert"}), "tokenizer.json": "{}",
              "metrics.json": json.dumps({"task": script, "validation": {"accuracy": 0.9}}),
              "run_config.json": json.dumps({"argv": [script]}), "training_log.jsonl": '{"step": 1}\n'}
-    if script in (LORA, GENERATION):
+    if script in (LORA, LORA_NER, GENERATION):
         files["adapter_config.json"] = json.dumps({"base_model_name_or_path": "base"})
     for name, text in files.items():
         (directory / name).write_text(text)
@@ -519,7 +582,7 @@ def test_failed_run_into_a_saved_model_leaves_it_intact(script, failure, tmp_pat
     if failure == "bad data":
         (tmp_path / "train.csv").write_text("text,label\ngood film,pos\nbad, slow film,neg\n")
         args, message = ("--train-file", tmp_path / "train.csv", "--model-name", tmp_path / "no-model"), \
-            "unsupported file type" if script == NER else "row 3 has 3 fields"
+            "unsupported file type" if script in NER_DATA else "row 3 has 3 fields"
     elif failure == "bad model":
         args, message = ("--model-name", tmp_path / "no-model"), "no such directory"
     else:
@@ -538,10 +601,11 @@ def test_failed_run_into_a_saved_model_leaves_it_intact(script, failure, tmp_pat
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_real_process_impossible_flag(script, tmp_path):
-    result = run_script(script, "--output-dir", tmp_path / "out", "--batch-size", "-1")
+    file, *first = script.split()
+    result = run_script(file, *first, "--output-dir", tmp_path / "out", "--batch-size", "-1")
     assert result.returncode == 2
     assert result.stderr.strip() == (f"error: argument --batch-size: must be a positive integer, got -1; "
-                                     f"see {script} --help."), result.stderr
+                                     f"see {file} --help."), result.stderr
 
 
 def test_real_process_bad_data(tmp_path):

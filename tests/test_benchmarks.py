@@ -1,4 +1,4 @@
-"""The benchmark harness (benchmarks/): the same SST-2 split in every process; the step anatomy."""
+"""The benchmark harness (benchmarks/): the same SST-2 split in every process; the FLOP accounting behind MFU."""
 
 from __future__ import annotations
 
@@ -7,7 +7,11 @@ import os
 import subprocess
 import sys
 
-from conftest import ROOT, run_script
+import pytest
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 SPLIT = '''
 import json, sys
@@ -34,31 +38,54 @@ def test_sst2_sentence_split_is_the_same_in_every_process():
     assert len(test) == 20 and not {sentence for sentence, _ in test} & {sentence for sentence, _ in train}
 
 
-def test_step_anatomy_times_both_steps_and_records_the_products_each_really_runs(tiny_encoder, tmp_path):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import step_anatomy
-    import torch
+# ---- FLOP accounting (benchmarks/flops.py, for MFU) ------------------------------------------------
 
-    models = step_anatomy.load_models(str(tiny_encoder))
-    batch = step_anatomy.make_batch(torch.Generator().manual_seed(0), models["stock"].config.vocab_size, 4, 6)
-    stock = step_anatomy.linear_shapes(models["stock"], batch, "fp32")
-    project = step_anatomy.linear_shapes(models["project"], batch, "fp32")
-    # 2 layers x (query, key, value, attention output, intermediate, output), then pooler and classifier.
-    assert stock == [(24, 32, 32)] * 4 + [(24, 32, 64), (24, 64, 32)] + [(24, 32, 32)] * 4 \
-        + [(24, 32, 64), (24, 64, 32), (4, 32, 32), (4, 32, 2)]
-    # The project's last layer runs its query, attention output and feed-forward block on the first
-    # token only; its keys and values still cover every token.
-    assert project == stock[:6] + [(4, 32, 32), (24, 32, 32), (24, 32, 32), (4, 32, 32), (4, 32, 64), (4, 64, 32)] \
-        + stock[-2:]
 
-    result = run_script("benchmarks/step_anatomy.py", "--model-name", tiny_encoder, "--batch-size", 4,
-                        "--lengths", 6, 9, "--steps", 2, "--rounds", 1, "--json", tmp_path / "anatomy.json")
-    assert result.returncode == 0, result.stderr
-    report = json.loads((tmp_path / "anatomy.json").read_text())
-    assert [(row["length"], row["run"]) for row in report["results"]] == [
-        (6, "project"), (6, "stock"), (9, "project"), (9, "stock")]
-    for row in report["results"]:
-        phases = [row[f"{phase}_ms"] for phase in step_anatomy.PHASES]
-        assert all(value > 0 for value in phases) and row["linear_products_ms"] > 0
-        assert abs(sum(phases) - row["step_ms"]) < 0.05
-    assert result.stdout.count("| project |") == 2 and "| stock |" in result.stdout
+@pytest.mark.parametrize("lora", [False, True])
+def test_matmul_shape_counts_the_per_token_matrix_products(tiny_encoder, lora):
+    from argparse import Namespace
+
+    from transformers import AutoModelForSequenceClassification
+
+    import common
+    import encoders
+    import flops
+
+    model, fresh = encoders.load_with_fresh_head(AutoModelForSequenceClassification, common.ResolvedModel(str(tiny_encoder), "tiny"),
+                                               ["neg", "pos"], "classification")
+    hidden, inner, layers = 32, 64, 2  # conftest's tiny BERT
+    per_layer = 4 * hidden * hidden + 2 * hidden * inner  # query, key, value, output; the two feed-forward matrices
+    if lora:
+        args = Namespace(lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_target_modules=None, use_rslora=False,
+                         use_dora=False)
+        model, _ = common.apply_lora(model, args, "SEQ_CLS", encoders.lora_head_modules(model, fresh))
+        adapters = layers * 2 * (4 * hidden + 4 * hidden)  # query and value: A (r x hidden) and B (hidden x r)
+        expected = {"matmul_params_trainable": adapters, "matmul_params_frozen": layers * per_layer}
+    else:
+        expected = {"matmul_params_trainable": layers * per_layer, "matmul_params_frozen": 0}
+    # the pooler and the classifier run once per sequence: not per-token work
+    assert flops.matmul_shape(model, sequence_head=True) == {"layers": layers, "hidden": hidden, **expected}
+    with_head = flops.matmul_shape(model)
+    head = hidden * hidden + 2 * hidden
+    assert with_head["matmul_params_trainable"] == expected["matmul_params_trainable"] + head
+
+
+def test_training_flops_follow_the_formula():
+    import flops
+
+    shape = {"layers": 2, "hidden": 8, "matmul_params_trainable": 100, "matmul_params_frozen": 50}
+    # (6 x 100 + 4 x 50) x 10 tokens + 12 x 2 x 8 x 40 (two sequences of lengths 2 and 6: 4 + 36)
+    assert flops.training_flops(shape, 10, 40) == 800 * 10 + 12 * 2 * 8 * 40
+    assert flops.token_totals([2, 6], epochs=2) == (16, 80)
+
+
+def test_matmul_shape_counts_gpt2s_conv1d_projections_and_the_output_layer(tiny_gpt2):
+    from transformers import AutoModelForCausalLM
+
+    import flops
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_gpt2)
+    hidden, layers, vocab = 32, 2, model.config.vocab_size  # conftest's tiny GPT-2 (inner size 4 x hidden)
+    per_layer = hidden * 3 * hidden + hidden * hidden + 2 * hidden * 4 * hidden  # c_attn, attn c_proj, c_fc, mlp c_proj
+    assert flops.matmul_shape(model) == {"layers": layers, "hidden": hidden, "matmul_params_frozen": 0,
+                                          "matmul_params_trainable": layers * per_layer + vocab * hidden}

@@ -30,7 +30,7 @@ pytestmark = pytest.mark.skipif(not distributed_available(), reason="torch.distr
 # --standalone: a free port of its own, so parallel runs on one machine do not collide.
 LAUNCH = (TORCHRUN, "--standalone", "--nproc_per_node", "2")
 SIZES = {"train": 40, "validation": 23, "test": 17}  # odd sizes: the last evaluation batch is uneven across processes
-FAST = ("--epochs", "2", "--batch-size", "4", "--eval-batch-size", "4", "--fp32")
+FAST = ("--epochs", "2", "--batch-size", "4", "--fp32")
 
 
 @pytest.fixture(scope="module")
@@ -129,6 +129,7 @@ import torch
 import torch.distributed as dist
 from transformers import Trainer, TrainingArguments
 import common
+import encoders
 
 
 class Recorder(torch.nn.Module):
@@ -162,7 +163,7 @@ def train():
     # the process group is torn down. Kept alive as globals until interpreter shutdown, they
     # outlived it and aborted about one run in three ("terminate called without an active exception").
     model = Recorder()
-    trainer = common.make_trainer_class(Trainer)(model=model, args=args, train_dataset=dataset, data_collator=collate)
+    trainer = encoders.make_trainer_class(Trainer)(model=model, args=args, train_dataset=dataset, data_collator=collate)
     trainer.train()
     return model.seen
 
@@ -179,7 +180,7 @@ common.leave_process_group()
 def test_length_grouped_sampler_is_sharded_consistently(tmp_path):
     """Every process computes the same seeded order; accelerate deals its batches out in turn, so
     together the processes see every example once per epoch, with a new order each epoch."""
-    from common import length_grouped_order
+    from encoders import length_grouped_order
 
     script = tmp_path / "sampler_check.py"
     script.write_text(SAMPLER_CHECK)

@@ -16,7 +16,7 @@ from conftest import (DATA, assert_clean_error, assert_saved_then_evaluated_once
 import ner_finetuning as ner
 
 SCRIPT = "ner_finetuning.py"
-FAST = ("--epochs", "1", "--batch-size", "16", "--learning-rate", "1e-3", "--eval-batch-size", "64")
+FAST = ("--epochs", "1", "--batch-size", "16", "--learning-rate", "1e-3")
 
 
 def ner_texts() -> list[str]:
@@ -391,8 +391,11 @@ def test_metrics_schema(trained, ner_encoder):
     assert metrics["labels"] == ["O", "B-LOC", "I-LOC", "B-MISC", "I-MISC", "B-ORG", "I-ORG", "B-PER", "I-PER"]
     assert metrics["scheme"]["detected"] == {"train": "IOB2", "validation": "IOB2", "test": "IOB2"}
     assert metrics["scheme"]["converted_to"] == "IOB2"
-    for key in ("runtime_s", "samples_per_s", "sentences_per_s", "peak_rss_mb", "training_flops", "mfu"):
+    for key in ("runtime_s", "samples_per_s", "sentences_per_s", "tokens_per_s", "peak_rss_mb"):
         assert metrics["train"][key] > 0
+    # Token classification: no first-token layer (every position is read); the other encoder tricks apply.
+    assert set(metrics["train"]["speedups"]) >= {"fast_dropout", "cpu_attention", "embedding_gradient_buffer"}
+    assert "first_token_last_layer" not in metrics["train"]["speedups"]
     assert metrics["train"]["examples"] == 307
     words = {split: sum(len(s.tokens) for s in ner.read_conll(str(DATA / "ner" / f"{split}.conll"), "x"))
              for split in ("validation", "test")}
