@@ -4,12 +4,11 @@ Each script calls these entry points from its run(), one per stage, and records 
 in metrics.json (train.speedups):
 
     for_process(enabled)                        the memory allocator; the GPU attention backend
-    for_model(model, probe, precision, kind)    dropout, CPU attention, first-token last layer,
-                                                embedding gradient, chunked language-model loss,
-                                                LoRA inputs left in bf16
+    for_model(model, probe, precision, kind)    CPU attention, first-token last layer, embedding
+                                                gradient, chunked language-model loss, LoRA inputs
+                                                left in bf16
     trainer_class(base, applied)                the Trainer's side of the tricks above
     for_training(model, applied)                the context the training runs in
-    for_decoding(model, precision, enabled)     LoRA merged and bf16 weights while generating
     cached_checkpoint(resolved, convert, ...)   a GGUF model converted once, then loaded fast
 
 --no-speedups turns every one of them off, and the run is the libraries' own computation.
@@ -32,7 +31,7 @@ import os
 import platform
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import common
 
@@ -196,18 +195,18 @@ def _difference(reference: dict, result: dict, precision: str) -> str | None:
     return None
 
 
-# ---- dropout -------------------------------------------------------------------------------
+# ---- the attention's dropout -------------------------------------------------------------------
 
 
 @functools.cache
 def fast_dropout_class():
-    """torch.nn.Dropout that draws its mask three times faster on a CPU.
+    """torch.nn.Dropout that draws its mask three times faster on a CPU, for the attention
+    probabilities of the CPU attention (SDPA draws that mask with the slow Bernoulli sampler).
 
-    PyTorch's CPU dropout spends ~6 ns per element on its Bernoulli draw, about a tenth of a
-    MiniLM training step at batch 32. FastDropout cuts four 15-bit random numbers out of every
-    64-bit draw of the same seeded generator: the same distribution (the drop probability is
-    rounded to a multiple of 1/32768), reproducible and resumable, another random stream. GPU
-    tensors keep the library's fused dropout."""
+    FastDropout cuts four 15-bit random numbers out of every 64-bit draw of the same seeded
+    generator: the same distribution (the drop probability is rounded to a multiple of 1/32768),
+    reproducible and resumable, another random stream. Replacing the model's other dropout modules
+    with it gained under 2% of a MiniLM step (BENCHMARKS.md, "Levers"), so they stay torch's."""
     import torch
 
     class FastDropout(torch.nn.Dropout):
@@ -220,23 +219,6 @@ def fast_dropout_class():
             return x.masked_fill(draws < threshold, 0).mul_(32768 / (32768 - threshold))
 
     return FastDropout
-
-
-def _replace_dropouts(model, old, new) -> int:
-    replaced = 0
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if type(child) is old and 0 < child.p < 1:
-                setattr(module, name, new(child.p))
-                replaced += 1
-    return replaced
-
-
-def _use_fast_dropout(model) -> None:
-    import torch
-
-    check_fast_dropout()
-    _replace_dropouts(model, torch.nn.Dropout, fast_dropout_class())
 
 
 def check_fast_dropout() -> None:
@@ -255,12 +237,6 @@ def check_fast_dropout() -> None:
         raise RuntimeError(f"dropped {dropped:.3f} of the values instead of {p}")
     if not torch.allclose(y[kept], x[kept] / (1 - p), rtol=1e-6):
         raise RuntimeError("kept values are not scaled by 1 / (1 - p)")
-
-
-def _has_dropout(model) -> bool:
-    import torch
-
-    return any(type(m) is torch.nn.Dropout and 0 < m.p < 1 for m in model.modules()) and not _on_gpu(model)
 
 
 def _on_gpu(model) -> bool:
@@ -289,6 +265,7 @@ def _use_cpu_attention(model) -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
+    check_fast_dropout()  # its attention dropout; the model probe runs with dropout off
     AttentionInterface.register(CPU_ATTENTION, _cpu_training_attention)
     AttentionMaskInterface.register(CPU_ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
     model.set_attn_implementation(CPU_ATTENTION)
@@ -652,13 +629,12 @@ def for_training(model, applied: list[str]):
 
 
 TRICKS = [
-    Trick("fast_dropout", ("sequence-classification", "token-classification", "causal-lm"), _has_dropout,
-          _use_fast_dropout, lambda model: _replace_dropouts(model, fast_dropout_class(), __import__("torch").nn.Dropout)),
     Trick("first_token_last_layer", ("sequence-classification",), _can_use_first_token_last_layer,
           _use_first_token_last_layer, _remove_first_token_last_layer),
     Trick("cpu_attention", ("sequence-classification", "token-classification", "causal-lm"), _can_use_cpu_attention,
           _use_cpu_attention, restore_attention),
-    Trick("embedding_gradient_buffer", ("sequence-classification", "token-classification"),
+    # Sequence classification only: on NER's longer inputs it saved under 4% of a step.
+    Trick("embedding_gradient_buffer", ("sequence-classification",),
           _can_keep_embedding_gradient, _keep_embedding_gradient, _drop_embedding_gradient),
     Trick("chunked_loss", ("causal-lm",), lambda model: chunked_loss_parts(model) is not None,
           lambda model: None, lambda model: None, chunked_loss=True),
@@ -717,53 +693,6 @@ def trainer_class(base, applied: list[str], precision: str = "fp32"):
             return total / count
 
     return FasterTrainer
-
-
-# --------------------------------------------------------------------------------------------
-# Generation
-# --------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def for_decoding(model, precision: str, enabled: bool = True) -> Iterator[list[str]]:
-    """For the duration: active LoRA adapters merged into their base weights (PEFT's
-    merge_adapter, undone after), and in bf16 runs every weight as bf16; yields what it applied.
-
-    Decoding a few sequences reads every weight once per token. On a CPU, fp32 matrix-vector
-    products run at 3-17 GB/s (SmolLM2's 49k x 576 output layer: 35 ms per token at batch 3, 4 ms
-    in bf16), and each adapted projection costs two more small products (SmolLM2 with LoRA on its
-    7 projections: 5.5 s -> 3.7 s for 3 x 80 tokens when merged)."""
-    import torch
-
-    applied: list[str] = []
-    if not enabled:
-        yield applied
-        return
-    merge = hasattr(model, "merge_adapter") and not _adapters_disabled(model)
-    if merge:
-        model.merge_adapter()
-        applied.append("merged_adapters")
-    originals = {}
-    if precision == "bf16":
-        for parameter in model.parameters():
-            if parameter.is_floating_point() and parameter.dtype != torch.bfloat16:
-                originals[parameter] = parameter.data
-                parameter.data = parameter.data.to(torch.bfloat16)
-        applied.append("bf16_weights")
-    try:
-        yield applied
-    finally:
-        for parameter, data in originals.items():
-            parameter.data = data
-        if merge:
-            model.unmerge_adapter()
-
-
-def _adapters_disabled(model) -> bool:
-    """Inside PEFT's disable_adapter(): merging would be undone by the first forward."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    return any(module.disable_adapters for module in model.modules() if isinstance(module, BaseTunerLayer))
 
 
 # --------------------------------------------------------------------------------------------

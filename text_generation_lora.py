@@ -300,7 +300,7 @@ def read_prompts(args: argparse.Namespace, default: bool) -> list[str]:
     return prompts
 
 
-def generate(model, tokenizer, prompts: list[str], args: argparse.Namespace, precision: str) -> list[list[str]]:
+def generate(model, tokenizer, prompts: list[str], args: argparse.Namespace) -> list[list[str]]:
     """Continuations for each prompt (num_return_sequences each), batched with left padding."""
     import torch
     from transformers import set_seed
@@ -321,8 +321,7 @@ def generate(model, tokenizer, prompts: list[str], args: argparse.Namespace, pre
         options.update(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     was_training = model.training
     model.eval()
-    # Speed tricks for decoding (LoRA merged, bf16 weights), undone afterwards.
-    with torch.inference_mode(), speedups.for_decoding(model, precision, not args.no_speedups):
+    with torch.inference_mode():
         output = model.generate(**inputs, **options)
     model.train(was_training)
     texts = tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
@@ -338,8 +337,7 @@ def generate_from_saved(args: argparse.Namespace) -> None:
         raise UserError("no prompt given: pass --prompt TEXT or --prompt-file FILE.")
     model, tokenizer = load_saved(model_dir, gguf_cache=not args.no_speedups)
     model.to(common.inference_device())
-    precision = common.choose_precision(args.precision)
-    for prompt, samples in zip(prompts, generate(model, tokenizer, prompts, args, precision)):
+    for prompt, samples in zip(prompts, generate(model, tokenizer, prompts, args)):
         for sample in samples:
             print(f"{prompt}{sample}\n{'-' * 60}")
 
@@ -478,7 +476,7 @@ def run(args: argparse.Namespace) -> int:
     def measure(when: str) -> tuple[dict[str, float], list[list[str]]]:
         result = perplexity(model, blocks["validation"], args.eval_batch_size, tokenizer.pad_token_id, precision, chunked)
         print(f"perplexity {when} training: {result['perplexity']:.2f}")
-        return result, generate(model, tokenizer, prompts, args, precision)
+        return result, generate(model, tokenizer, prompts, args)
 
     if args.full:
         before, samples_before = measure("before")

@@ -4,12 +4,13 @@
     python benchmarks/levers.py                          # every workload (about 10 minutes on 2 cores)
     python benchmarks/levers.py --workloads sentiment    # one workload
     python benchmarks/levers.py --rounds 7 --json benchmarks/results/levers.json
+    python benchmarks/levers.py --workloads ner --tricks cpu_attention   # one trick
 
 For each trick, two copies of the same model train side by side in this process: one with every
 trick of its workload, one with every trick but that one. They take turns, a few optimizer steps
 each (forward, backward, gradient clipping, AdamW), for --rounds rounds; the table shows the median
-step time of each and the trick's gain, 1 - with / without. Decoding and loading tricks are timed
-the same way, alternating, on their own operation.
+step time of each and the trick's gain, 1 - with / without. The loading trick is timed the same
+way, alternating, on the load itself.
 
 Workloads (real data from ../shared/data when it is there, else the embedded sample data; the
 bundled models, bf16 autocast where the CPU supports it):
@@ -17,7 +18,6 @@ bundled models, bf16 autocast where the CPU supports it):
   sentiment   MiniLM sequence classifier, SST-2 phrases, batch 32, length-grouped batches
   ner         MiniLM token classifier, WNUT-17 sentences, batch 32
   causal-lm   SmolLM2-135M with LoRA on its seven projections, tiny-shakespeare, 8 blocks of 256
-  decoding    SmolLM2-135M with LoRA: 3 prompts x 40 new tokens (speedups.for_decoding)
   loading     SmolLM2-135M from its GGUF file vs from the converted copy (speedups.cached_checkpoint)
 """
 
@@ -42,10 +42,9 @@ import encoders  # noqa: E402
 import speedups  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
-WORKLOADS = ("sentiment", "ner", "causal-lm", "decoding", "loading")
-TRICKS = {"sentiment": ("fast_dropout", "first_token_last_layer", "cpu_attention", "embedding_gradient_buffer",
-                        "clipping_by_rows"),
-          "ner": ("fast_dropout", "cpu_attention", "embedding_gradient_buffer", "clipping_by_rows"),
+WORKLOADS = ("sentiment", "ner", "causal-lm", "loading")
+TRICKS = {"sentiment": ("first_token_last_layer", "cpu_attention", "embedding_gradient_buffer", "clipping_by_rows"),
+          "ner": ("cpu_attention",),
           "causal-lm": ("cpu_attention", "chunked_loss", "lora_input_casting_off", "allocator")}
 
 
@@ -55,6 +54,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rounds", type=common.positive_int, default=5, help="Alternating rounds per trick.")
     parser.add_argument("--steps", type=common.positive_int, default=8,
                         help="Optimizer steps per model and round (causal-lm: a quarter of it).")
+    parser.add_argument("--tricks", nargs="+", metavar="NAME", help="Measure only these tricks (default: all).")
     parser.add_argument("--json", type=Path, help="Also write the results to this JSON file.")
     return parser.parse_args()
 
@@ -192,7 +192,7 @@ def set_allocator(tuned: bool) -> None:
 # ---- measurements --------------------------------------------------------------------------------
 
 
-def measure_training(workload: str, rounds: int, steps: int, precision: str) -> list[dict]:
+def measure_training(workload: str, rounds: int, steps: int, precision: str, only: list[str] | None) -> list[dict]:
     import torch
 
     if workload == "causal-lm":
@@ -204,6 +204,8 @@ def measure_training(workload: str, rounds: int, steps: int, precision: str) -> 
     every = set(TRICKS[workload])
     results = []
     for trick in TRICKS[workload]:
+        if only and trick not in only:
+            continue
         pair = {}
         for label, names in (("with", every), ("without", every - {trick})):
             copied, applied = with_tricks(model, names - {"allocator"}, probe, precision, kind)
@@ -231,32 +233,6 @@ def measure_training(workload: str, rounds: int, steps: int, precision: str) -> 
               f"gain {1 - with_ms / without_ms:+.1%}", flush=True)
         del pair
     return results
-
-
-def measure_decoding(rounds: int, precision: str) -> list[dict]:
-    import torch
-
-    import text_generation_lora as script
-
-    model, _, _, tokenizer = causal_setup()
-    model.eval()
-    prompts = ["First Citizen:", "ROMEO:", "The king"]
-    args = argparse.Namespace(max_new_tokens=40, do_sample=False, num_return_sequences=1, repetition_penalty=1.1,
-                              seed=0, no_speedups=False)
-    times = {True: [], False: []}
-    for round_ in range(rounds + 1):
-        for enabled in (True, False) if round_ % 2 == 0 else (False, True):
-            args.no_speedups = not enabled
-            started = time.perf_counter()
-            with torch.inference_mode():
-                script.generate(model, tokenizer, prompts, args, precision)
-            if round_:
-                times[enabled].append(time.perf_counter() - started)
-    with_s, without_s = statistics.median(times[True]), statistics.median(times[False])
-    print(f"decoding   merged adapters + bf16 weights  with {with_s:6.2f} s  without {without_s:6.2f} s  "
-          f"gain {1 - with_s / without_s:+.1%}", flush=True)
-    return [{"workload": "decoding", "trick": "for_decoding", "with_ms": round(1000 * with_s),
-             "without_ms": round(1000 * without_s), "gain": round(1 - with_s / without_s, 3)}]
 
 
 def measure_loading(rounds: int) -> list[dict]:
@@ -290,9 +266,7 @@ def main() -> int:
     results = []
     for workload in args.workloads:
         if workload in TRICKS:
-            results += measure_training(workload, args.rounds, args.steps, precision)
-        elif workload == "decoding":
-            results += measure_decoding(max(2, args.rounds // 2), precision)
+            results += measure_training(workload, args.rounds, args.steps, precision, args.tricks)
         else:
             results += measure_loading(2)
     print("\n| workload | trick | with (ms) | without (ms) | gain |\n|---|---|---|---|---|")

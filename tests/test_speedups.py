@@ -76,21 +76,6 @@ def test_fast_dropout_masks_with_its_seeded_draws_in_the_inputs_dtype(dtype):
     assert torch.equal(x.grad, torch.where(keep, (gradient.float() * scale).to(x.dtype), 0))
 
 
-def test_fast_dropout_replaces_the_models_dropout_modules(tiny_encoder):
-    import torch
-    from transformers import AutoModelForSequenceClassification
-
-    import speedups
-
-    model = AutoModelForSequenceClassification.from_pretrained(tiny_encoder, num_labels=2)
-    plain = [m for m in model.modules() if type(m) is torch.nn.Dropout and m.p > 0]
-    assert speedups._has_dropout(model) and plain
-    speedups._use_fast_dropout(model)
-    fast = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
-    assert all(type(m) is speedups.fast_dropout_class() for m in fast)
-    assert [m.p for m in fast] == [m.p for m in plain]
-
-
 def test_length_grouped_batches_cut_padding_and_cover_every_example():
     import random
 
@@ -532,24 +517,6 @@ def test_fast_attention_equals_sdpa_in_training(tiny_gpt2, architecture, precisi
     assert model.config._attn_implementation == "sdpa"
 
 
-def lora_llama_with_trained_adapters(vocab_size: int = 400):
-    import argparse
-
-    import torch
-
-    import common
-
-    lora = argparse.Namespace(lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_target_modules=["all-linear"],
-                              use_rslora=False, use_dora=False)
-    model, _ = common.apply_lora(tiny_llama(vocab_size), lora, "CAUSAL_LM")
-    torch.manual_seed(2)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(std=0.1)
-    return model.eval()
-
-
 @pytest.mark.parametrize("gpu", [True, False])
 def test_attention_stays_off_cudnn_on_a_gpu(gpu, monkeypatch):
     import torch
@@ -567,40 +534,6 @@ def test_attention_stays_off_cudnn_on_a_gpu(gpu, monkeypatch):
         assert speedups.for_process(enabled=False) == [] and torch.backends.cuda.cudnn_sdp_enabled()
     finally:
         torch.backends.cuda.enable_cudnn_sdp(before)
-
-
-def test_decoding_merges_the_adapters_in_bf16_and_puts_the_weights_back():
-    import copy
-
-    import torch
-
-    import speedups
-
-    model = lora_llama_with_trained_adapters()
-    ids = torch.randint(0, 400, (2, 12), generator=torch.Generator().manual_seed(3))
-    originals = {name: parameter.data.clone() for name, parameter in model.named_parameters()}
-    with torch.no_grad():
-        reference = model(ids).logits
-        with speedups.for_decoding(model, "fp32") as applied:
-            assert applied == ["merged_adapters"]
-            assert torch.allclose(model(ids).logits, reference, atol=1e-5), "the merged weights compute the adapted model"
-        with speedups.for_decoding(model, "bf16") as applied:
-            assert applied == ["merged_adapters", "bf16_weights"]
-            assert all(parameter.dtype == torch.bfloat16 for parameter in model.parameters())
-            bf16_logits = model(ids).logits
-        with model.disable_adapter(), speedups.for_decoding(model, "fp32") as applied:
-            assert applied == [], "nothing to merge while the adapters are switched off"
-        with speedups.for_decoding(model, "bf16", enabled=False) as applied:
-            assert applied == [] and all(p.dtype == torch.float32 for p in model.parameters())
-        restored = model(ids).logits
-    torch.testing.assert_close(restored, reference, atol=1e-5, rtol=1e-5)
-    for name, parameter in model.named_parameters():  # PEFT's unmerge: the originals to float32 rounding
-        torch.testing.assert_close(parameter.data, originals[name], atol=1e-6, rtol=1e-5, msg=name)
-    merged_bf16 = copy.deepcopy(model).merge_and_unload()
-    with torch.no_grad():
-        for parameter in merged_bf16.parameters():  # parameters only: buffers such as the rotary frequencies stay
-            parameter.data = parameter.data.to(torch.bfloat16)
-        assert torch.equal(bf16_logits, merged_bf16(ids).logits), "merged in float32, then rounded to bf16"
 
 
 # ---- the self-checks: a library change switches a trick off, never changes results ------------------
@@ -775,7 +708,7 @@ def test_text_generation_with_and_without_the_speed_tricks(tiny_gpt2, tmp_path):
         assert result.returncode == 0, result.stderr
         runs[name] = json.loads((tmp_path / name / "metrics.json").read_text())
     fast, plain = runs["fast"], runs["plain"]
-    assert {"fast_dropout", "cpu_attention", "chunked_loss"} <= set(fast["train"]["speedups"])
+    assert {"cpu_attention", "chunked_loss"} <= set(fast["train"]["speedups"])
     assert plain["train"]["speedups"] == [] and plain["train"]["chunked_loss"] is False
     assert fast["perplexity_before"] == pytest.approx(plain["perplexity_before"], rel=1e-4)
     assert fast["train"]["final_loss"] == pytest.approx(plain["train"]["final_loss"], rel=0.02)

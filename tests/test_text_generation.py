@@ -140,7 +140,7 @@ def test_before_figures_are_the_base_models(method, trained, tiny_gpt2, tmp_path
     prompts = script.read_prompts(args, default=True)
     samples = (output_dir / "samples.md").read_text()
     base_sections = [section.split("### Fine-tuned")[0] for section in samples.split("## Prompt: ")[1:]]
-    expected_samples = script.generate(base, tokenizer, prompts, args, metrics["precision"])
+    expected_samples = script.generate(base, tokenizer, prompts, args)
     assert len(base_sections) == len(prompts) == len(expected_samples)
     for prompt, texts, section in zip(prompts, expected_samples, base_sections):
         assert all(f"```text\n{prompt}{text}\n```" in section for text in texts)
@@ -270,7 +270,7 @@ def test_sampling_flags_reach_generate(greedy, trained, monkeypatch):
     seen = []
     original = model.generate
     monkeypatch.setattr(model, "generate", lambda **kwargs: seen.append(kwargs) or original(**kwargs))
-    samples = script.generate(model, tokenizer, ["Soup"], args, "fp32")
+    samples = script.generate(model, tokenizer, ["Soup"], args)
     sequences = 1 if greedy else 3
     assert len(samples) == 1 and len(samples[0]) == sequences
     options = seen[0]
