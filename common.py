@@ -826,6 +826,19 @@ def resume_command(output_dir: Path) -> str:
                      shell_quote(str(checkpoint) if checkpoint else "auto")])
 
 
+def train(trainer, interrupt, resume: str | None, output_dir: Path, context) -> tuple[Any, float] | None:
+    """trainer.train() inside `context`, from the checkpoint `resume` if given; returns its result
+    and the seconds it took, or None when Ctrl-C or SIGTERM stopped it (`interrupt`, the callback
+    of make_callbacks(), saved a checkpoint; the command that resumes is printed)."""
+    started = time.perf_counter()
+    with context:
+        result = trainer.train(resume_from_checkpoint=resume)
+    if interrupt.interrupted:
+        print(f"\ntraining interrupted; checkpoint saved. Resume with:\n  {resume_command(output_dir)}", file=sys.stderr)
+        return None
+    return result, time.perf_counter() - started
+
+
 def shell_quote(text: str) -> str:
     import shlex
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import random
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -415,13 +414,10 @@ def run_encoder_task(args: argparse.Namespace, method: str, task: EncoderTask) -
         args, speedups.trainer_class(transformers.Trainer, applied, precision), model, fresh, tokenizer,
         splits["train"].features, splits["validation"].features, collator,
         task.compute_metrics(splits["validation"], data.label_names), precision, output_dir)
-    training_started = time.perf_counter()
-    with speedups.for_training(model, applied):
-        result = trainer.train(resume_from_checkpoint=resume)
-    runtime = time.perf_counter() - training_started
-    if interrupt.interrupted:
-        print(f"\ntraining interrupted; checkpoint saved. Resume with:\n  {common.resume_command(output_dir)}", file=sys.stderr)
+    trained = common.train(trainer, interrupt, resume, output_dir, speedups.for_training(model, applied))
+    if trained is None:
         return None
+    result, runtime = trained
     save_trained(trainer, tokenizer, output_dir, common.keeps_checkpoints(args))
 
     # 5. Evaluate it on validation and test; metrics, log, plot, report.

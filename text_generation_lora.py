@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -490,13 +489,10 @@ def run(args: argparse.Namespace) -> int:
 
     trainer, interrupt = build_trainer(args, speedups.trainer_class(Trainer, applied, precision), model, tokenizer,
                                        blocks, precision, output_dir)
-    training_started = time.perf_counter()
-    with speedups.for_training(model, applied):
-        result = trainer.train(resume_from_checkpoint=resume)
-    runtime = time.perf_counter() - training_started
-    if interrupt.interrupted:
-        print(f"\ntraining interrupted; checkpoint saved. Resume with:\n  {common.resume_command(output_dir)}", file=sys.stderr)
+    trained = common.train(trainer, interrupt, resume, output_dir, speedups.for_training(model, applied))
+    if trained is None:
         return 130
+    result, runtime = trained
     speedups.restore_attention(model)
     common.save_atomically(output_dir, lambda staging: (model.save_pretrained(staging), tokenizer.save_pretrained(staging)))
 

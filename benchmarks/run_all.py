@@ -262,8 +262,9 @@ def convert_bundled_causal_lm(cache: Path, env: dict[str, str]) -> dict[str, Any
     first use, into a fresh cache that its runs then use (sets the cache variable in `env`)."""
     shutil.rmtree(cache, ignore_errors=True)
     env[speedups.CACHE_DIR_ENV] = str(cache)
-    convert = ("import common, text_generation_lora as script; script.converted_gguf(common.ResolvedModel("
-               "path=str(common.bundled_causal_lm_dir()), name='', gguf_file=common.BUNDLED_CAUSAL_LM_FILE))")
+    convert = ("import common, speedups, text_generation_lora as script; speedups.cached_checkpoint(common.ResolvedModel("
+               "path=str(common.bundled_causal_lm_dir()), name='', gguf_file=common.BUNDLED_CAUSAL_LM_FILE), "
+               "script.convert_gguf)")
     print(f"converting the bundled {common.BUNDLED_CAUSAL_LM_FILE} into {cache}...", flush=True)
     started = time.perf_counter()
     code = subprocess.run([sys.executable, "-c", convert], cwd=ROOT, env=env, stdout=subprocess.DEVNULL).returncode
