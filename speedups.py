@@ -5,8 +5,8 @@ in metrics.json (train.speedups):
 
     for_process(enabled)                        the memory allocator; the GPU attention backend
     for_model(model, probe, precision, kind)    CPU attention, first-token last layer, embedding
-                                                gradient, chunked language-model loss, LoRA inputs
-                                                left in bf16
+                                                gradient, chunked language-model loss, LoRA's
+                                                frozen weights and inputs in bf16
     trainer_class(base, applied)                the Trainer's side of the tricks above
     for_training(model, applied)                the context the training runs in
     cached_checkpoint(resolved, convert, ...)   a GGUF model converted once, then loaded fast
@@ -124,6 +124,8 @@ def for_model(model, probe: dict, precision: str, kind: str, enabled: bool = Tru
             note_switched_off(trick.name, problem)
         else:
             applied.append(trick.name)
+    if hasattr(model, "fp32_frozen_weights"):
+        model.fp32_frozen_weights = {}  # checked: the fp32 copies can go
     return applied
 
 
@@ -206,7 +208,8 @@ def fast_dropout_class():
     FastDropout cuts four 15-bit random numbers out of every 64-bit draw of the same seeded
     generator: the same distribution (the drop probability is rounded to a multiple of 1/32768),
     reproducible and resumable, another random stream. Replacing the model's other dropout modules
-    with it gained under 2% of a MiniLM step (BENCHMARKS.md, "Levers"), so they stay torch's."""
+    with it saved under 3% of a MiniLM step, with or without LoRA (BENCHMARKS.md, "Levers"), so
+    they stay torch's."""
     import torch
 
     class FastDropout(torch.nn.Dropout):
@@ -628,7 +631,46 @@ def for_training(model, applied: list[str]):
     return disable_input_dtype_casting(model)
 
 
+# ---- LoRA's frozen weights -----------------------------------------------------------------------
+
+
+def _has_frozen_fp32_linears(model) -> bool:
+    import torch
+
+    return hasattr(model, "peft_config") and not _on_gpu(model) and any(
+        type(m) is torch.nn.Linear and not m.weight.requires_grad and m.weight.dtype == torch.float32
+        for m in model.modules())
+
+
+def _store_frozen_weights_in_bf16(model) -> None:
+    """Store the frozen weights and biases of LoRA's base linear layers in bf16. Autocast casts every
+    fp32 weight to bf16 again at each forward, trained or frozen (MiniLM: 38 casts, 11M parameters
+    per step); a frozen weight never changes, so casting it once gives the same bf16 values at every
+    step: the same forward and gradients. The trained parameters stay fp32, and the base model on
+    disk is untouched (merging and predicting reload it). Until the check passes the fp32 tensors
+    are kept, so that stepping aside restores them exactly."""
+    import torch
+
+    originals = {}
+    for module in model.modules():
+        if type(module) is torch.nn.Linear and not module.weight.requires_grad and module.weight.dtype == torch.float32:
+            for parameter in (module.weight, module.bias):
+                if parameter is not None and not parameter.requires_grad:
+                    originals[parameter] = parameter.data
+                    parameter.data = parameter.data.to(torch.bfloat16)
+    model.fp32_frozen_weights = originals
+
+
+def _restore_frozen_weights(model) -> None:
+    for parameter, data in getattr(model, "fp32_frozen_weights", {}).items():
+        parameter.data = data
+    model.fp32_frozen_weights = {}
+
+
 TRICKS = [
+    # Encoders only: text generation merges its adapters into the model in memory, which must stay fp32.
+    Trick("frozen_weights_in_bf16", ("sequence-classification", "token-classification"),
+          _has_frozen_fp32_linears, _store_frozen_weights_in_bf16, _restore_frozen_weights, autocast_only=True),
     Trick("first_token_last_layer", ("sequence-classification",), _can_use_first_token_last_layer,
           _use_first_token_last_layer, _remove_first_token_last_layer),
     Trick("cpu_attention", ("sequence-classification", "token-classification", "causal-lm"), _can_use_cpu_attention,

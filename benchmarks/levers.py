@@ -17,6 +17,7 @@ bundled models, bf16 autocast where the CPU supports it):
 
   sentiment   MiniLM sequence classifier, SST-2 phrases, batch 32, length-grouped batches
   ner         MiniLM token classifier, WNUT-17 sentences, batch 32
+  lora        the sentiment workload with LoRA (r=32 on query and value, the classifier trained in full)
   causal-lm   SmolLM2-135M with LoRA on its seven projections, tiny-shakespeare, 8 blocks of 256
   loading     SmolLM2-135M from its GGUF file vs from the converted copy (speedups.cached_checkpoint)
 """
@@ -42,9 +43,10 @@ import encoders  # noqa: E402
 import speedups  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
-WORKLOADS = ("sentiment", "ner", "causal-lm", "loading")
+WORKLOADS = ("sentiment", "ner", "lora", "causal-lm", "loading")
 TRICKS = {"sentiment": ("first_token_last_layer", "cpu_attention", "embedding_gradient_buffer", "clipping_by_rows"),
           "ner": ("cpu_attention",),
+          "lora": ("frozen_weights_in_bf16", "first_token_last_layer", "cpu_attention", "lora_input_casting_off"),
           "causal-lm": ("cpu_attention", "chunked_loss", "lora_input_casting_off", "allocator")}
 
 
@@ -199,7 +201,12 @@ def measure_training(workload: str, rounds: int, steps: int, precision: str, onl
         model, batches, kind, _ = causal_setup()
         steps = max(1, steps // 4)
     else:
-        model, batches, kind = encoder_setup(workload)
+        model, batches, kind = encoder_setup("ner" if workload == "ner" else "sentiment")
+        if workload == "lora":
+            lora = argparse.Namespace(lora_r=32, lora_alpha=64, lora_dropout=0.0, lora_target_modules=None,
+                                      use_rslora=False, use_dora=False)
+            fresh = [name for name, _ in model.named_parameters() if name.startswith("classifier")]
+            model, _ = common.apply_lora(model, lora, "SEQ_CLS", encoders.lora_head_modules(model, fresh))
     probe = {key: value[:4] for key, value in batches[0].items()}
     every = set(TRICKS[workload])
     results = []

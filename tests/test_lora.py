@@ -320,3 +320,72 @@ def test_target_modules_that_match_nothing_list_the_modules(tiny_encoders, tmp_p
     result = run_script(SCRIPT, "--model-name", tiny_encoders["bert"], "--output-dir", tmp_path, *FAST,
                         "--lora-target-modules", "q_proj")
     assert_clean_error(result, "no such linear module", "query", "value")
+
+
+# ---- LoRA's speed trick: frozen weights in bf16 ----------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["bert", "distilbert"])
+def test_frozen_weights_in_bf16_train_exactly_like_autocasts_casts(tiny_encoders, kind, tmp_path):
+    """Autocast would cast the frozen fp32 weights to the same bf16 values at every step: storing
+    them in bf16 once gives the same logits and the same gradients of everything trained, which
+    stays fp32; stepping aside puts the fp32 weights back exactly."""
+    import torch
+
+    import speedups
+
+    models = [make_adapter(tiny_encoders[kind], tmp_path / str(copy), seed=0)[0].train() for copy in range(2)]
+    originals = {name: p.detach().clone() for name, p in models[1].named_parameters()}
+    assert speedups._has_frozen_fp32_linears(models[1])
+    speedups._store_frozen_weights_in_bf16(models[1])
+    assert len(models[1].fp32_frozen_weights) >= 4 * 2  # at least every layer's four attention projections
+    assert all(p.dtype == torch.float32 for p in models[1].parameters() if p.requires_grad)
+    assert {p.dtype for p in models[1].parameters() if not p.requires_grad} == {torch.float32, torch.bfloat16}
+    input_ids = torch.randint(5, 100, (4, 9), generator=torch.Generator().manual_seed(0))
+    outputs = []
+    for model in models:
+        torch.manual_seed(1)  # the same dropout masks
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            output = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), labels=input_ids[:, 0] % 2)
+        output.loss.backward()
+        outputs.append(output.logits)
+    assert torch.equal(outputs[0], outputs[1])
+    for (name, reference), actual in zip(models[0].named_parameters(), models[1].parameters()):
+        if reference.requires_grad:
+            assert torch.equal(actual.grad, reference.grad), name
+    speedups._restore_frozen_weights(models[1])
+    for name, parameter in models[1].named_parameters():
+        assert parameter.dtype == torch.float32 and torch.equal(parameter, originals[name]), name
+
+
+def test_lora_run_with_its_tricks_logs_the_training_of_one_without(tiny_encoders, tmp_path):
+    """Through the script, in bf16 with dropout off (nothing random differs): LoRA's frozen weights
+    in bf16 and its other tricks give the losses and gradient norms of --no-speedups to bf16
+    rounding, and an fp32 adapter on disk."""
+    import shutil
+
+    from safetensors import safe_open
+    from transformers import AutoConfig
+
+    from conftest import EXPECTED_PRECISION, logged_losses_and_grad_norms
+
+    if EXPECTED_PRECISION != "bf16":
+        pytest.skip("the CPU has no native bf16 (AVX-512 BF16 or AMX)")
+    model_dir = tmp_path / "no-dropout"
+    shutil.copytree(tiny_encoders["bert"], model_dir)
+    config = AutoConfig.from_pretrained(model_dir)
+    config.hidden_dropout_prob = config.attention_probs_dropout_prob = 0.0
+    config.save_pretrained(model_dir)
+    logs = {}
+    for flags in ((), ("--no-speedups",)):
+        output_dir = tmp_path / ("plain" if flags else "fast")
+        result = run_script(SCRIPT, "--model-name", model_dir, "--output-dir", output_dir, *FAST, "--bf16", *flags)
+        assert result.returncode == 0, result.stderr
+        metrics = json.loads((output_dir / "metrics.json").read_text())
+        assert ("frozen_weights_in_bf16" in metrics["train"]["speedups"]) is not bool(flags)
+        logs[flags] = logged_losses_and_grad_norms(output_dir)
+        with safe_open(output_dir / "adapter_model.safetensors", "pt") as saved:
+            assert {str(saved.get_slice(key).get_dtype()) for key in saved.keys()} == {"F32"}
+    fast, plain = logs.values()
+    assert len(fast) == len(plain) >= 4
+    assert fast == pytest.approx(plain, rel=0.03)
