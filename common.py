@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import importlib.util
 import json
 import os
@@ -110,6 +111,7 @@ def any_process(flag: bool, device) -> bool:
     return bool(value.item())
 
 
+@functools.cache  # once per process: a second call would add the same log filters again
 def quiet_libraries() -> None:
     """Keep the libraries' progress bars for weight loading out of the terminal, and the few
     warnings about choices this project makes on purpose; every other warning is shown."""

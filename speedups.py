@@ -96,6 +96,7 @@ class Trick:
     apply: Callable[[Any], None]
     remove: Callable[[Any], None]
     chunked_loss: bool = False  # checked through the chunked loss rather than the model's own
+    confirm: Callable[[Any], None] = lambda model: None  # after its check passed: drop what remove() needed
     autocast_only: bool = False  # only under bf16 / fp16 autocast
 
 
@@ -123,9 +124,8 @@ def for_model(model, probe: dict, precision: str, kind: str, enabled: bool = Tru
                 trick.remove(model)
             note_switched_off(trick.name, problem)
         else:
+            trick.confirm(model)
             applied.append(trick.name)
-    if hasattr(model, "fp32_frozen_weights"):
-        model.fp32_frozen_weights = {}  # checked: the fp32 copies can go
     return applied
 
 
@@ -670,7 +670,8 @@ def _restore_frozen_weights(model) -> None:
 TRICKS = [
     # Encoders only: text generation merges its adapters into the model in memory, which must stay fp32.
     Trick("frozen_weights_in_bf16", ("sequence-classification", "token-classification"),
-          _has_frozen_fp32_linears, _store_frozen_weights_in_bf16, _restore_frozen_weights, autocast_only=True),
+          _has_frozen_fp32_linears, _store_frozen_weights_in_bf16, _restore_frozen_weights, autocast_only=True,
+          confirm=lambda model: setattr(model, "fp32_frozen_weights", {})),
     Trick("first_token_last_layer", ("sequence-classification",), _can_use_first_token_last_layer,
           _use_first_token_last_layer, _remove_first_token_last_layer),
     Trick("cpu_attention", ("sequence-classification", "token-classification", "causal-lm"), _can_use_cpu_attention,
