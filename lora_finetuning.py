@@ -1,21 +1,26 @@
 #!/usr/bin/env python
-"""LoRA fine-tuning for text and token classification, and an honest full-vs-LoRA comparison.
+"""LoRA fine-tuning, and an honest full-vs-LoRA comparison for text classification, NER and text generation.
 
     python lora_finetuning.py                                    # LoRA on the embedded sentiment data
     python lora_finetuning.py --train-file my.csv --output-dir ./lora
     python lora_finetuning.py --task ner --output-dir ./lora_ner # LoRA on the embedded NER data
-    python lora_finetuning.py --compare --output-dir ./compare   # full and LoRA, same data/split/seed/epochs
+    python lora_finetuning.py --compare --seeds 1 2 3 --output-dir ./compare   # full and LoRA, 3 seeds each
+    python lora_finetuning.py --task generation --compare --output-dir ./compare_gen
     python lora_finetuning.py --compare-runs ./full_run ./lora_run --output-dir ./compare
     python lora_finetuning.py --output-dir ./lora --predict "great value for money"
     python lora_finetuning.py --adapter ./lora_a --adapter ./lora_b --predict "..."   # switch adapters
     python lora_finetuning.py --output-dir ./lora --merge-adapter                     # plain-transformers model
 
 Data, training, precision and output flags are those of sentiment_finetuning.py (--task
-classification, the default) or ner_finetuning.py (--task ner); LoRA adds --lora-r, --lora-alpha,
---lora-dropout, --lora-target-modules, --use-rslora and --use-dora. The modules that the task head
-adds at load time (DistilBERT's pre_classifier and classifier, BERT's classifier, RoBERTa's
+classification, the default), ner_finetuning.py (--task ner) or text_generation_lora.py (--task
+generation, which that script runs); LoRA adds --lora-r, --lora-alpha, --lora-dropout,
+--lora-target-modules, --use-rslora and --use-dora. The modules that the task head adds at load
+time (DistilBERT's pre_classifier and classifier, BERT's classifier, RoBERTa's
 classifier.dense/out_proj) are trained and saved in full with the adapter, so a reloaded adapter
 predicts exactly what the trained one did.
+
+--compare trains both methods once per seed, each run in its own process, and writes
+comparison.json, comparison.md (the report to hand in) and its plots.
 """
 
 from __future__ import annotations
@@ -29,15 +34,19 @@ from typing import Any
 
 import common
 import encoders
+import reports
 import ner_finetuning as ner
 import sentiment_finetuning as classification
+import text_generation_lora as text_generation
 from common import UserError
 
-TASKS = {"classification": classification, "ner": ner}
+TASKS = {"classification": classification, "ner": ner, "generation": text_generation}
 # The metrics a comparison reports per task, the first being the one the methods are judged on.
 # Keyed by the "task" of metrics.json.
 TASK_METRICS = {"text-classification": (("accuracy", "accuracy"), ("f1_macro", "macro-F1")),
-                "token-classification": (("f1", "entity F1"), ("accuracy", "token accuracy"))}
+                "token-classification": (("f1", "entity F1"), ("accuracy", "token accuracy")),
+                "text-generation": (("perplexity", "perplexity"),)}
+LOWER_IS_BETTER = {"perplexity"}
 
 MERGED_SUBDIR = "merged"
 COMPARISON_JSON = "comparison.json"
@@ -49,33 +58,49 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     task_parser = common.ArgumentParser(add_help=False)
     task_parser.add_argument("--task", choices=tuple(TASKS), default="classification")
     task = task_parser.parse_known_args(argv)[0].task
-    if task == "ner":
+    if task == "generation":
+        parser = text_generation.build_parser(__doc__, output_dir="./lora_gen")
+    elif task == "ner":
         parser = ner.build_parser(__doc__, learning_rate=1e-3, fallback_learning_rate=1e-3, output_dir="./lora_ner")
     else:
         parser = classification.build_parser(__doc__, learning_rate=1e-3, fallback_learning_rate=1e-3,
                                              head_lr_multiplier=1.0, output_dir="./lora")
     parser.add_argument("--task", choices=tuple(TASKS), default="classification",
                         help="classification: text classification, the data flags of sentiment_finetuning.py; "
-                             "ner: token classification, the data flags of ner_finetuning.py.")
-    # Rank 32 for classification: on SST-2 (8,000 phrases, one epoch) it closed about half of rank 8's
-    # 3-point gap to full fine-tuning at the same speed (README, "Full fine-tuning vs LoRA").
-    common.add_lora_args(parser, dropout=0.0, rank=8 if task == "ner" else 32)
+                             "ner: token classification, those of ner_finetuning.py; generation: causal language "
+                             "modelling, those of text_generation_lora.py.")
     lora = parser.add_argument_group("adapters and comparison")
-    lora.add_argument("--adapter", action="append", metavar="DIR",
-                      help="With --predict: load these adapters on one base model and predict with each in "
-                           "turn, switching adapters without reloading the base (repeatable).")
-    lora.add_argument("--merge-adapter", action="store_true",
-                      help=f"Write the adapter merged into its base model to OUTPUT_DIR/{MERGED_SUBDIR} (loads with "
-                           "plain transformers). Alone on an existing adapter directory: merge only.")
+    if task != "generation":  # text_generation_lora.py's parser has its LoRA flags and --merge-adapter
+        # Rank 32 for classification: on SST-2 (8,000 phrases, one epoch) it closed about half of rank 8's
+        # 3-point gap to full fine-tuning at the same speed (README, "Full fine-tuning vs LoRA").
+        common.add_lora_args(parser, dropout=0.0, rank=8 if task == "ner" else 32)
+        lora.add_argument("--adapter", action="append", metavar="DIR",
+                          help="With --predict: load these adapters on one base model and predict with each in "
+                               "turn, switching adapters without reloading the base (repeatable).")
+        lora.add_argument("--merge-adapter", action="store_true",
+                          help=f"Write the adapter merged into its base model to OUTPUT_DIR/{MERGED_SUBDIR} (loads "
+                               "with plain transformers). Alone on an existing adapter directory: merge only.")
     lora.add_argument("--compare", action="store_true",
                       help="Run full fine-tuning and LoRA on the same data, split, seed and epochs "
                            "(OUTPUT_DIR/full, OUTPUT_DIR/lora) and write the comparison report.")
+    lora.add_argument("--seeds", nargs="+", type=int, metavar="SEED",
+                      help="With --compare: train each method once per seed (OUTPUT_DIR/full/seed-N, ...; the data "
+                           "split stays the same) and report the mean, the spread and a 95%% interval of the difference.")
     lora.add_argument("--compare-runs", nargs=2, metavar=("FULL_DIR", "LORA_DIR"),
                       help="Build the comparison report from two finished run directories.")
     lora.add_argument("--full-learning-rate", type=common.positive_float,
-                      help="With --compare: learning rate of the full fine-tuning run "
-                           "(default: sentiment_finetuning.py's default for the model).")
+                      help="With --compare: learning rate of the full fine-tuning run (default: that script's "
+                           "default for the model).")
     args = parser.parse_args(argv)
+    if args.seeds and not args.compare:
+        parser.error("--seeds needs --compare")
+    if args.seeds and len(set(args.seeds)) != len(args.seeds):
+        parser.error("--seeds: each seed once")
+    if task == "generation":
+        text_generation.check_args(parser, args)
+        if args.full and args.compare:
+            parser.error("--full and --compare: the comparison runs both methods; drop --full")
+        return args
     encoders.check_encoder_args(parser, args)
     if not 0 <= args.lora_dropout < 1:
         parser.error("--lora-dropout must be in [0, 1)")
@@ -210,10 +235,10 @@ def merge_adapter(adapter_dir: Path) -> Path:
 
 
 def data_flags(argv: list[str]) -> list[str]:
-    """The command line minus the flags that only concern this script's own mode."""
+    """The command line minus the flags that only concern this script's own mode, the method or the seed."""
     own = {"--compare": 0, "--compare-runs": 2, "--output-dir": 1, "--full-learning-rate": 1, "--merge-adapter": 0,
            "--task": 1, "--lora-r": 1, "--lora-alpha": 1, "--lora-dropout": 1, "--use-rslora": 0,
-           "--use-dora": 0, "--learning-rate": 1}
+           "--use-dora": 0, "--learning-rate": 1, "--seed": 1, "--full": 0, "--lora-layers": 1}
     kept = []
     i = 0
     while i < len(argv):
@@ -221,7 +246,7 @@ def data_flags(argv: list[str]) -> list[str]:
         if flag in own:
             i += 1 + (own[flag] if "=" not in argv[i] else 0)
             continue
-        if flag == "--lora-target-modules":
+        if flag in ("--lora-target-modules", "--seeds"):
             i += 1
             while i < len(argv) and not argv[i].startswith("--"):
                 i += 1
@@ -231,30 +256,60 @@ def data_flags(argv: list[str]) -> list[str]:
     return kept
 
 
+def method_commands(args: argparse.Namespace, shared: list[str]) -> dict[str, list[str]]:
+    """The command of each method (without --seed and --output-dir), same data and flags."""
+    here = Path(__file__).resolve().parent
+    lora_flags = ["--lora-r", str(args.lora_r), "--lora-alpha", f"{args.lora_alpha:g}"]
+    if args.task == "generation":
+        full = [str(here / "text_generation_lora.py"), "--full", *shared]
+        lora = [str(here / "text_generation_lora.py"), *shared, *lora_flags]
+    else:
+        full = [str(here / ("ner_finetuning.py" if args.task == "ner" else "sentiment_finetuning.py")), *shared]
+        lora = [str(here / "lora_finetuning.py"), "--task", args.task, *shared, *lora_flags,
+                "--lora-dropout", str(args.lora_dropout)]
+        lora += [flag for flag, on in (("--use-rslora", args.use_rslora), ("--use-dora", args.use_dora)) if on]
+        lora += ["--lora-layers", str(args.lora_layers)] if args.lora_layers else []
+    if args.full_learning_rate:
+        full += ["--learning-rate", str(args.full_learning_rate)]
+    if args.learning_rate:
+        lora += ["--learning-rate", str(args.learning_rate)]
+    if args.lora_target_modules:
+        lora += ["--lora-target-modules", *args.lora_target_modules]
+    return {"full": full, "lora": lora}
+
+
 def run_compare(args: argparse.Namespace, argv: list[str]) -> None:
-    """Full fine-tuning and LoRA as two fresh processes (clean timing and peak memory), then the report."""
+    """Full fine-tuning and LoRA once per seed, each run a fresh process (clean timing and peak
+    memory), on the same data and split; then the report. One seed writes OUTPUT_DIR/full and
+    OUTPUT_DIR/lora, several OUTPUT_DIR/full/seed-N and OUTPUT_DIR/lora/seed-N."""
     output_dir = common.prepare_output_dir(args.output_dir, True, False)
+    seeds = args.seeds or [args.seed]
     shared = data_flags(argv)
     if "--overwrite-output-dir" not in shared:
         shared.append("--overwrite-output-dir")
-    here = Path(__file__).resolve().parent
-    full_script = "ner_finetuning.py" if args.task == "ner" else "sentiment_finetuning.py"
-    full_cmd = [sys.executable, str(here / full_script), *shared, "--output-dir", str(output_dir / "full")]
-    if args.full_learning_rate:
-        full_cmd += ["--learning-rate", str(args.full_learning_rate)]
-    lora_cmd = [sys.executable, str(here / "lora_finetuning.py"), "--task", args.task, *shared,
-                "--output-dir", str(output_dir / "lora"),
-                "--lora-r", str(args.lora_r), "--lora-alpha", str(args.lora_alpha), "--lora-dropout", str(args.lora_dropout)]
-    if args.learning_rate:
-        lora_cmd += ["--learning-rate", str(args.learning_rate)]
-    if args.lora_target_modules:
-        lora_cmd += ["--lora-target-modules", *args.lora_target_modules]
-    lora_cmd += [flag for flag, on in (("--use-rslora", args.use_rslora), ("--use-dora", args.use_dora)) if on]
-    for label, command in (("full fine-tuning", full_cmd), ("LoRA", lora_cmd)):
-        print(f"\n=== {label}: {' '.join(command[1:])}\n", flush=True)
-        if subprocess.run(command).returncode != 0:
-            raise UserError(f"the {label} run failed (see above); no comparison written.")
-    write_comparison(output_dir / "full", output_dir / "lora", output_dir)
+    if args.task == "generation" and not args.unrelated_file:
+        shared += ["--unrelated-file", str(default_unrelated_text(args))]
+    commands = method_commands(args, shared)
+    directories: dict[str, list[Path]] = {"full": [], "lora": []}
+    for seed in seeds:
+        for method, label in (("full", "full fine-tuning"), ("lora", "LoRA")):
+            directory = output_dir / method / (f"seed-{seed}" if len(seeds) > 1 else "")
+            command = [sys.executable, *commands[method], "--seed", str(seed), "--output-dir", str(directory)]
+            print(f"\n=== {label}, seed {seed}: {reports.command_line(command[1:])}\n", flush=True)
+            if subprocess.run(command).returncode != 0:
+                raise UserError(f"the {label} run with seed {seed} failed (see above); no comparison written.")
+            directories[method].append(directory)
+    write_comparison(directories["full"], directories["lora"], output_dir, reports.command_line([__file__, *argv]))
+
+
+def default_unrelated_text(args: argparse.Namespace) -> Path:
+    """Text unlike the training data, to see what fine-tuning costs elsewhere: the embedded reviews
+    when training on the embedded recipes, else the recipes."""
+    import text_generation_lora
+
+    if args.train_file or args.dataset:
+        return text_generation_lora.DEFAULT_CORPUS
+    return common.DATA_DIR / "sentiment" / "test.csv"
 
 
 def load_run(directory: Path, expected_method: str) -> dict[str, Any]:
@@ -265,44 +320,37 @@ def load_run(directory: Path, expected_method: str) -> dict[str, Any]:
         raise UserError(f"{directory} is a '{metrics.get('method')}' run; expected '{expected_method}' "
                         "(--compare-runs FULL_DIR LORA_DIR).")
     metrics["log"] = common.read_jsonl(directory / common.TRAINING_LOG_FILE)
+    metrics["config"] = common.read_json(directory / common.RUN_CONFIG_FILE) or {}
+    metrics["directory"] = str(directory)
     return metrics
 
 
-def write_comparison(full_dir: Path, lora_dir: Path, output_dir: Path) -> dict[str, Any]:
-    full, lora = load_run(full_dir, "full"), load_run(lora_dir, "lora")
-    if full.get("task") != lora.get("task") or full.get("task") not in TASK_METRICS:
-        raise UserError(f"cannot compare a '{full.get('task')}' run with a '{lora.get('task')}' run; "
-                        "pass two runs of the same classification or NER task.")
-    split = "test" if "test" in full and "test" in lora else "validation"
-    scored = TASK_METRICS[full["task"]]
-    primary = scored[0][0]
+def mean_and_sd(values: list[float]) -> tuple[float, float]:
+    """The mean and the sample standard deviation (0 for a single value)."""
+    import statistics
 
-    def row(metrics):
-        return {"trainable_params": metrics["params"]["trainable"], "total_params": metrics["params"]["total"],
-                "trainable_share_pct": round(100 * metrics["params"]["trainable"] / metrics["params"]["total"], 3),
-                "saved_size_mb": metrics.get("saved_size_mb"), "train_runtime_s": metrics["train"]["runtime_s"],
-                "eval_time_s": metrics["train"].get("eval_time_s", 0.0), "train_steps_time_s": round(steps_time(metrics), 2),
-                "samples_per_s": metrics["train"]["samples_per_s"], "peak_rss_mb": metrics["train"]["peak_rss_mb"],
-                **{f"{part}_{key}": metrics[part][key] for part in ("validation", "test") if part in metrics
-                   for key, _ in scored}}
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
-    comparison = {
-        "full": row(full), "lora": row(lora),
-        "parameter_reduction_pct": round(100 * (1 - lora["params"]["trainable"] / full["params"]["trainable"]), 3),
-        # The methods differ in their training steps; the per-epoch evaluation costs both the same.
-        "lora_time_ratio": round(steps_time(lora) / steps_time(full), 3),
-        "lora_time_ratio_with_evaluation": round(lora["train"]["runtime_s"] / full["train"]["runtime_s"], 3),
-        "metric": primary,
-        "metric_difference_points": round(100 * (lora[split][primary] - full[split][primary]), 2),
-        "compared_on": split, "task": full["task"], "model": full["model"], "precision": {"full": full["precision"], "lora": lora["precision"]},
-        "lora_settings": lora.get("lora"), "hardware": full["hardware"], "versions": full["versions"],
-        "runs": {"full": str(full_dir), "lora": str(lora_dir)},
-    }
-    common.write_json(output_dir / COMPARISON_JSON, comparison)
-    plot_comparison(full, lora, output_dir, scored[0])
-    (output_dir / COMPARISON_MD).write_text(comparison_markdown(comparison, full, lora, split, scored))
-    print((output_dir / COMPARISON_MD).read_text())
-    return comparison
+
+def difference_interval(differences: list[float], confidence: float = 0.95) -> list[float] | None:
+    """The t interval of the mean of paired differences (one per seed); None below two seeds."""
+    import math
+
+    from scipy import stats
+
+    if len(differences) < 2:
+        return None
+    mean, sd = mean_and_sd(differences)
+    half = stats.t.ppf((1 + confidence) / 2, len(differences) - 1) * sd / math.sqrt(len(differences))
+    return [mean - half, mean + half]
+
+
+def verdict(interval: list[float] | None, higher_is_better: bool) -> str:
+    """"lora better", "full better" or "no clear difference", from the interval of LoRA minus full."""
+    if interval is None or interval[0] <= 0 <= interval[1]:
+        return "no clear difference"
+    lora_ahead = interval[0] > 0 if higher_is_better else interval[1] < 0
+    return "lora better" if lora_ahead else "full better"
 
 
 def steps_time(metrics: dict[str, Any]) -> float:
@@ -310,80 +358,249 @@ def steps_time(metrics: dict[str, Any]) -> float:
     return max(metrics["train"]["runtime_s"] - metrics["train"].get("eval_time_s", 0.0), 1e-6)
 
 
-def plot_comparison(full: dict, lora: dict, output_dir: Path, metric: tuple[str, str]) -> None:
-    import matplotlib
+def method_row(runs: list[dict[str, Any]], scored) -> dict[str, Any]:
+    """One method's figures, averaged over its runs (one per seed)."""
+    def mean(get) -> float:
+        return mean_and_sd([float(get(run)) for run in runs])[0]
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    first = runs[0]
+    row = {"trainable_params": first["params"]["trainable"], "total_params": first["params"]["total"],
+           "trainable_share_pct": round(100 * first["params"]["trainable"] / first["params"]["total"], 3),
+           "saved_size_mb": mean(lambda r: r.get("saved_size_mb") or 0.0),
+           "train_runtime_s": mean(lambda r: r["train"]["runtime_s"]),
+           "eval_time_s": mean(lambda r: r["train"].get("eval_time_s", 0.0)),
+           "train_steps_time_s": mean(steps_time),
+           "samples_per_s": mean(lambda r: r["train"]["samples_per_s"]),
+           "peak_rss_mb": mean(lambda r: r["train"]["peak_rss_mb"])}
+    for part in ("validation", "test"):
+        for key, _ in scored:
+            if all(isinstance(r.get(part), dict) and key in r[part] for r in runs):
+                row[f"{part}_{key}"] = mean(lambda r: r[part][key])
+    if first["task"] == "text-generation":
+        row["perplexity_before"] = mean(lambda r: r["perplexity_before"])
+        if all("unrelated" in r for r in runs):
+            row["unrelated_perplexity_before"] = mean(lambda r: r["unrelated"]["perplexity_before"])
+            row["unrelated_perplexity"] = mean(lambda r: r["unrelated"]["perplexity"])
+    return row
 
+
+def write_comparison(full_dirs: list[Path], lora_dirs: list[Path], output_dir: Path, command: str) -> dict[str, Any]:
+    """comparison.json, comparison.md and the plots, from finished runs (full_dirs[i] and
+    lora_dirs[i] share a seed)."""
+    full = [load_run(directory, "full") for directory in full_dirs]
+    lora = [load_run(directory, "lora") for directory in lora_dirs]
+    tasks = {run.get("task") for run in full + lora}
+    if len(tasks) > 1 or not tasks <= set(TASK_METRICS):
+        raise UserError(f"cannot compare a '{full[0].get('task')}' run with a '{lora[0].get('task')}' run; "
+                        "pass runs of the same task.")
+    task = tasks.pop()
+    scored = TASK_METRICS[task]
+    primary, title = scored[0]
+    split = "test" if all(isinstance(run.get("test"), dict) for run in full + lora) else "validation"
+    higher_is_better = primary not in LOWER_IS_BETTER
+    scale = 100.0 if higher_is_better else 1.0  # fractions in points; perplexity as it is
+
+    def records(runs: list[dict]) -> list[dict[str, Any]]:
+        return [{"seed": run["config"].get("args", {}).get("seed"), primary: run[split][primary],
+                 "train_runtime_s": run["train"]["runtime_s"], "peak_rss_mb": run["train"]["peak_rss_mb"],
+                 "output_dir": run["directory"]} for run in runs]
+
+    def summary(runs: list[dict]) -> dict[str, float]:
+        metric_mean, metric_sd = mean_and_sd([run[split][primary] for run in runs])
+        return {"metric_mean": round(metric_mean, 6), "metric_sd": round(metric_sd, 6),
+                "train_runtime_s_mean": round(mean_and_sd([run["train"]["runtime_s"] for run in runs])[0], 2),
+                "peak_rss_mb_mean": round(mean_and_sd([run["train"]["peak_rss_mb"] for run in runs])[0], 1)}
+
+    differences = [scale * (l[split][primary] - f[split][primary]) for f, l in zip(full, lora)]
+    interval = difference_interval(differences)
+    full_row, lora_row = method_row(full, scored), method_row(lora, scored)
+    comparison = {
+        "full": full_row, "lora": lora_row,
+        "parameter_reduction_pct": round(100 * (1 - lora_row["trainable_params"] / full_row["trainable_params"]), 3),
+        # The methods differ in their training steps; the per-epoch evaluation costs both the same.
+        "lora_time_ratio": round(lora_row["train_steps_time_s"] / full_row["train_steps_time_s"], 3),
+        "lora_time_ratio_with_evaluation": round(lora_row["train_runtime_s"] / full_row["train_runtime_s"], 3),
+        "metric": primary, "metric_higher_is_better": higher_is_better,
+        "metric_difference_points": round(mean_and_sd(differences)[0], 2),
+        "compared_on": split, "task": task, "model": full[0]["model"],
+        "precision": {"full": full[0]["precision"], "lora": lora[0]["precision"]},
+        "lora_settings": lora[0].get("lora") or {"r": lora[0]["config"].get("args", {}).get("lora_r"),
+                                                 "alpha": lora[0]["config"].get("args", {}).get("lora_alpha"),
+                                                 "target_modules": lora[0]["config"].get("lora_targets")},
+        "hardware": full[0]["hardware"], "versions": full[0]["versions"],
+        "seeds": [record["seed"] for record in records(full)],
+        "runs": {"full": records(full), "lora": records(lora)},
+        "summary": {"full": summary(full), "lora": summary(lora)},
+        "difference_ci95_points": [round(bound, 3) for bound in interval] if interval else None,
+        "difference_method": "paired t interval (95%) over the seeds of LoRA minus full fine-tuning, "
+                             + ("in points of the metric" if higher_is_better else "in units of the metric"),
+        "verdict": verdict(interval, higher_is_better),
+        "command": command,
+    }
+    common.write_json(output_dir / COMPARISON_JSON, comparison)
+    plot_comparison(full, lora, output_dir, split, scored[0])
+    (output_dir / COMPARISON_MD).write_text(comparison_markdown(comparison, full, lora, split, scored))
+    print((output_dir / COMPARISON_MD).read_text())
+    return comparison
+
+
+def plot_comparison(full: list[dict], lora: list[dict], output_dir: Path, split: str, metric: tuple[str, str]) -> None:
+    """loss_curves.png (one line per seed), metric_vs_time.png (one point per run) and
+    scores.png (per class, per entity type, or perplexity before and after)."""
+    plt = reports._pyplot()
+    colours = {"full fine-tuning": "tab:blue", "LoRA": "tab:orange"}
+    methods = (("full fine-tuning", full), ("LoRA", lora))
     fig, axis = plt.subplots(figsize=(7, 4))
-    for name, metrics in (("full fine-tuning", full), ("LoRA", lora)):
-        points = [(r["epoch"], r["loss"]) for r in metrics["log"] if "loss" in r]
-        if points:
-            axis.plot(*zip(*points), label=name)
-    axis.set_xlabel("epoch")
-    axis.set_ylabel("training loss")
-    axis.set_title("Training loss")
+    for name, runs in methods:
+        for i, run in enumerate(runs):
+            points = [(r["epoch"], r["loss"]) for r in run["log"] if "loss" in r and "epoch" in r]
+            if points:
+                axis.plot(*zip(*points), color=colours[name], alpha=0.8 if len(runs) == 1 else 0.5,
+                          label=name if i == 0 else None)
+    axis.set(xlabel="epoch", ylabel="training loss", title=f"Training loss ({len(full)} seed(s) per method)")
     axis.legend()
     fig.tight_layout()
     fig.savefig(output_dir / "loss_curves.png", dpi=110)
     plt.close(fig)
 
     fig, axis = plt.subplots(figsize=(7, 4))
-    for name, metrics in (("full fine-tuning", full), ("LoRA", lora)):
-        evaluations = [r for r in metrics["log"] if f"eval_{metric[0]}" in r]
-        if not evaluations:
-            continue
-        per_step = metrics["train"]["runtime_s"] / max(1, metrics["train"]["steps"])
-        axis.plot([r["step"] * per_step for r in evaluations], [r[f"eval_{metric[0]}"] for r in evaluations],
-                  marker="o", label=name)
-    axis.set_xlabel("training time (s)")
-    axis.set_ylabel(f"validation {metric[1]}")
-    axis.set_title(f"Validation {metric[1]} vs training time")
+    for name, runs in methods:
+        axis.scatter([steps_time(run) for run in runs], [run[split][metric[0]] for run in runs],
+                     color=colours[name], label=name)
+    axis.set(xlabel="training time, steps alone (s)", ylabel=f"{split} {metric[1]}",
+             title=f"{split.capitalize()} {metric[1]} against training time (one point per run)")
     axis.legend()
     fig.tight_layout()
     fig.savefig(output_dir / "metric_vs_time.png", dpi=110)
     plt.close(fig)
 
+    if full[0]["task"] == "text-generation":
+        groups = ["validation"] + (["unrelated text"] if all("unrelated" in run for run in full + lora) else [])
 
-def comparison_markdown(c: dict, full: dict, lora: dict, split: str, scored) -> str:
+        def perplexities(run, after: bool) -> list[float]:
+            values = [run["perplexity"] if after else run["perplexity_before"]]
+            if len(groups) > 1:
+                values.append(run["unrelated"]["perplexity" if after else "perplexity_before"])
+            return values
+
+        series = {"base model": perplexities(full[0], False),
+                  **{name: [mean_and_sd(list(v))[0] for v in zip(*(perplexities(run, True) for run in runs))]
+                     for name, runs in methods}}
+        reports.grouped_bars(output_dir / "scores.png", groups, series, "Perplexity (lower is better)", "perplexity")
+        return
+    per = "per_class" if full[0]["task"] == "text-classification" else "per_type"
+    groups = list(full[0][split][per])
+    series, errors = {}, {}
+    for name, runs in methods:
+        stats = [mean_and_sd([run[split][per].get(group, {}).get("f1", 0.0) for run in runs]) for group in groups]
+        series[name], errors[name] = [m for m, _ in stats], [sd for _, sd in stats]
+    reports.grouped_bars(output_dir / "scores.png", groups, series,
+                         f"{split.capitalize()} F1 per {'class' if per == 'per_class' else 'entity type'} "
+                         f"(mean{' and sd' if len(full) > 1 else ''} over seeds)", "F1", errors)
+
+
+VERDICT_SENTENCES = {"lora better": "LoRA scores higher than full fine-tuning",
+                     "full better": "full fine-tuning scores higher than LoRA",
+                     "no clear difference": "neither method scores clearly higher"}
+
+
+def comparison_markdown(c: dict, full: list[dict], lora: list[dict], split: str, scored) -> str:
+    """The report a student hands in: results with their spread, the verdict, the findings in
+    sentences, every run, the machine, the commands and the plots."""
     f, l = c["full"], c["lora"]
-    lines = [
-        "# Full fine-tuning vs LoRA", "",
-        f"Model: {c['model']}. Same data, split, seed and epochs for both runs. Precision: full {full['precision']}, "
-        f"LoRA {lora['precision']}. Machine: {full['hardware']['processor']} ({full['hardware']['cpu_count']} CPUs"
-        f"{', GPU ' + full['hardware']['gpu'] if full['hardware'].get('gpu') else ''}). "
-        f"torch {full['versions']['torch']}, transformers {full['versions']['transformers']}, "
-        f"peft {lora['versions'].get('peft', '?')}.", "",
-        "| | full fine-tuning | LoRA |", "|---|---|---|",
-        f"| trainable parameters | {f['trainable_params']:,} | {l['trainable_params']:,} |",
-        f"| total parameters | {f['total_params']:,} | {l['total_params']:,} |",
-        f"| trainable share | {f['trainable_share_pct']:.2f}% | {l['trainable_share_pct']:.2f}% |",
-        f"| saved size (safetensors) | {f['saved_size_mb']} MB | {l['saved_size_mb']} MB |",
+    primary, title = scored[0]
+    seeds = len(c["seeds"])
+    digits = 2 if primary in LOWER_IS_BETTER else 4
+    unit = " points" if c["metric_higher_is_better"] else ""
+    difference = f"{c['metric_difference_points']:+.2f}{unit}"
+    interval = c["difference_ci95_points"]
+    if interval:
+        evidence = (f"over {seeds} seeds, LoRA minus full fine-tuning is {difference} in {split} {title}, 95% interval "
+                    f"[{interval[0]:+.2f}, {interval[1]:+.2f}]")
+    else:
+        evidence = (f"with one seed, LoRA minus full fine-tuning is {difference} in {split} {title}, which one run "
+                    "cannot tell apart from seed noise (--seeds 1 2 3 gives an interval)")
+    hardware, versions = c["hardware"], c["versions"]
+
+    def spread(runs: list[dict], get) -> str:
+        mean, sd = mean_and_sd([float(get(run)) for run in runs])
+        return f"{mean:.{digits}f} ± {sd:.{digits}f}" if seeds > 1 else f"{mean:.{digits}f}"
+
+    lines = [f"# Full fine-tuning vs LoRA: {c['model']}", "",
+             f"**Verdict: {c['verdict']}.** {VERDICT_SENTENCES[c['verdict']].capitalize()}: {evidence}.", "",
+             f"## Results ({f'mean ± sd over {seeds} seeds' if seeds > 1 else 'one seed'})", "",
+             "| | full fine-tuning | LoRA |", "|---|---|---|"]
+    for part in ("validation", "test"):
+        lines += [f"| {part} {name} | {spread(full, lambda r: r[part][key])} | {spread(lora, lambda r: r[part][key])} |"
+                  for key, name in scored if f"{part}_{key}" in f and f"{part}_{key}" in l]
+    if "perplexity_before" in f:
+        lines.append(f"| validation perplexity before training | {f['perplexity_before']:.2f} | {l['perplexity_before']:.2f} |")
+    forgetting = "unrelated_perplexity" in f and "unrelated_perplexity" in l
+    if forgetting:
+        lines += [f"| unrelated-text perplexity before | {f['unrelated_perplexity_before']:.2f} | {l['unrelated_perplexity_before']:.2f} |",
+                  f"| unrelated-text perplexity after | {f['unrelated_perplexity']:.2f} | {l['unrelated_perplexity']:.2f} |"]
+    lines += [
         f"| training time (with the evaluations during training) | {f['train_runtime_s']:.1f} s | {l['train_runtime_s']:.1f} s |",
-        f"| of which evaluation | {f['eval_time_s']:.1f} s | {l['eval_time_s']:.1f} s |",
         f"| training steps alone | {f['train_steps_time_s']:.1f} s | {l['train_steps_time_s']:.1f} s |",
         f"| samples/s | {f['samples_per_s']:.1f} | {l['samples_per_s']:.1f} |",
         f"| peak memory (RSS) | {f['peak_rss_mb']:.0f} MB | {l['peak_rss_mb']:.0f} MB |",
-    ]
-    for part in ("validation", "test"):
-        lines += [f"| {part} {title} | {f[f'{part}_{key}']:.4f} | {l[f'{part}_{key}']:.4f} |"
-                  for key, title in scored if f"{part}_{key}" in f and f"{part}_{key}" in l]
+        f"| trainable parameters | {f['trainable_params']:,} ({f['trainable_share_pct']:.2f}%) | "
+        f"{l['trainable_params']:,} ({l['trainable_share_pct']:.2f}%) |",
+        f"| total parameters | {f['total_params']:,} | {l['total_params']:,} |",
+        f"| saved size (safetensors) | {f['saved_size_mb']:.2f} MB | {l['saved_size_mb']:.2f} MB |",
+        "", "## Findings", "",
+        f"- Parameters: LoRA trains {l['trainable_params']:,} of {l['total_params']:,} parameters "
+        f"({l['trainable_share_pct']:.2f}%), {c['parameter_reduction_pct']:.1f}% fewer than full fine-tuning's "
+        f"{f['trainable_params']:,}.",
+        f"- Time: LoRA's training steps take {c['lora_time_ratio']:.2f}x the time of full fine-tuning's "
+        f"({l['train_steps_time_s']:.1f} s against {f['train_steps_time_s']:.1f} s; "
+        f"{c['lora_time_ratio_with_evaluation']:.2f}x with the evaluations during training, which cost both the same).",
+        f"- Quality: {evidence}; {VERDICT_SENTENCES[c['verdict']]}.",
+        f"- Memory: LoRA's process peaks at {l['peak_rss_mb']:.0f} MB against {f['peak_rss_mb']:.0f} MB "
+        f"({l['peak_rss_mb'] / f['peak_rss_mb']:.2f}x).",
+        f"- Size: the LoRA adapter takes {l['saved_size_mb']:.2f} MB on disk against {f['saved_size_mb']:.2f} MB for the "
+        f"full model ({f['saved_size_mb'] / max(l['saved_size_mb'], 1e-9):.0f} times smaller), and runs on top of the base model."]
+    if forgetting:
+        lines.append(f"- Forgetting: on unrelated text the perplexity goes from {f['unrelated_perplexity_before']:.2f} "
+                     f"to {f['unrelated_perplexity']:.2f} with full fine-tuning and to {l['unrelated_perplexity']:.2f} "
+                     "with LoRA.")
     settings = c.get("lora_settings") or {}
-    lines += [
-        "",
-        f"* LoRA trains {l['trainable_share_pct']:.2f}% of its model's parameters "
-        f"({c['parameter_reduction_pct']:.2f}% fewer than full fine-tuning) and its saved adapter is "
-        f"{l['saved_size_mb']} MB against {f['saved_size_mb']} MB for the full model.",
-        f"* Training time: LoRA's training steps took {c['lora_time_ratio']:.2f}x the time of full fine-tuning's "
-        f"({c['lora_time_ratio_with_evaluation']:.2f}x with the per-epoch evaluation, which costs both the same).",
-        f"* {split.capitalize()} {scored[0][1]}: LoRA {'+' if c['metric_difference_points'] >= 0 else ''}"
-        f"{c['metric_difference_points']:.2f} points against full fine-tuning.",
-        f"* LoRA settings: r={settings.get('r')}, alpha={settings.get('alpha')}, dropout={settings.get('dropout')}, "
-        f"targets={settings.get('target_modules')}, trained in full: {settings.get('modules_to_save')}.",
-        "", "![training loss](loss_curves.png)", "", f"![validation {scored[0][1]} vs training time](metric_vs_time.png)", "",
-    ]
+    lines += [f"- LoRA settings: r={settings.get('r')}, alpha={settings.get('alpha')}, "
+              f"targets={settings.get('target_modules')}"
+              + (f" in the top {settings['layers']} layers" if settings.get("layers") else "")
+              + (f", trained in full: {settings['modules_to_save']}" if settings.get("modules_to_save") else "") + ".",
+              "", "## Every run", "", f"| method | seed | {split} {title} | training time | peak memory | folder |",
+              "|---|---|---|---|---|---|"]
+    for method, records in c["runs"].items():
+        lines += [f"| {method} | {r['seed']} | {r[primary]:.{digits}f} | {r['train_runtime_s']:.1f} s | "
+                  f"{r['peak_rss_mb']:.0f} MB | `{r['output_dir']}` |" for r in records]
+    if full[0].get("samples") and lora[0].get("samples"):
+        lines += ["", f"## Samples (seed {c['seeds'][0]})", "", "| prompt | base model | full fine-tuning | LoRA |",
+                  "|---|---|---|---|"]
+        lines += ["| " + " | ".join(_cell(text) for text in (base["prompt"], base["before"][0], base["after"][0],
+                                                               tuned["after"][0])) + " |"
+                  for base, tuned in zip(full[0]["samples"], lora[0]["samples"])]
+    lines += ["", "## How the verdict is reached", "",
+              f"Each seed trains both methods: the seed sets the initialisation, the batch order and dropout, while the "
+              f"data and its split stay the same. The difference LoRA minus full fine-tuning in {split} {title} is "
+              "taken per seed, and the 95% t interval of its mean decides: entirely on the better side of zero, that "
+              "method is better; containing zero, there is no clear difference. One seed gives no interval.",
+              "", "## Machine and versions", "",
+              f"{hardware['processor']}, {hardware['cpu_count']} CPUs"
+              + (f", GPU {hardware['gpu']}" if hardware.get("gpu") else ", no GPU")
+              + f"; precision: full {c['precision']['full']}, LoRA {c['precision']['lora']}; python {versions.get('python')}, "
+              f"torch {versions['torch']}, transformers {versions['transformers']}, peft {lora[0]['versions'].get('peft', '?')}.",
+              "", "## Reproduce", "", "```bash", c["command"], "```", "", "The runs, one by one:", "", "```bash"]
+    lines += [reports.command_line(run["config"]["argv"]) for run in full + lora if run["config"].get("argv")]
+    lines += ["```", "", "## Plots", "", "![training loss](loss_curves.png)", "",
+              f"![{split} {title} against training time](metric_vs_time.png)", "",
+              "![scores side by side](scores.png)", ""]
     return "\n".join(lines)
+
+
+def _cell(text: str) -> str:
+    """Text for one cell of a Markdown table."""
+    return " ".join(text.split()).replace("|", "\\|")
 
 
 def main() -> int:
@@ -392,14 +609,18 @@ def main() -> int:
     common.set_trust_remote_code(args.trust_remote_code)
     if args.compare_runs:
         common.prepare_output_dir(args.output_dir, True, False)
-        write_comparison(Path(args.compare_runs[0]), Path(args.compare_runs[1]), Path(args.output_dir))
+        write_comparison([Path(args.compare_runs[0])], [Path(args.compare_runs[1])], Path(args.output_dir),
+                         reports.command_line([__file__, *argv]))
         return 0
+    if args.compare:
+        common.quiet_libraries()
+        run_compare(args, argv)
+        return 0
+    if args.task == "generation":
+        return text_generation.main(args)
     common.quiet_libraries()
     if args.predict or args.predict_file:
         predict_with_adapters(args)
-        return 0
-    if args.compare:
-        run_compare(args, argv)
         return 0
     output_dir = Path(args.output_dir)
     training_data_given = args.train_file or args.dataset

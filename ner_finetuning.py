@@ -32,6 +32,7 @@ from typing import Any, Sequence
 
 import common
 import encoders
+import reports
 from common import UserError
 
 DEFAULT_MODEL = "bert-base-cased"
@@ -383,16 +384,16 @@ def prepare_splits(args: argparse.Namespace, splits: dict[str, Split]) -> list[s
     labels = ["O"] + [f"{prefix}-{kind}" for kind in sorted(train_types) for prefix in ("B", "I")]
 
     if "validation" not in splits:
-        train, validation = split_validation(splits["train"].sentences, args.validation_split, args.seed)
+        train, validation = split_validation(splits["train"].sentences, args.validation_split, common.DATA_SEED)
         splits["train"].sentences = train
         splits["validation"] = Split(validation, f"{len(validation)} sentences held out of the training data",
                                      splits["train"].scheme)
         print(f"validation: held out {len(validation)} of the training sentences "
-              f"(--validation-split {args.validation_split}, seed {args.seed}).")
-    splits["train"].sentences = common.seeded_subset(splits["train"].sentences, args.max_train_samples, args.seed)
+              f"(--validation-split {args.validation_split}, seed {common.DATA_SEED}).")
+    splits["train"].sentences = common.seeded_subset(splits["train"].sentences, args.max_train_samples, common.DATA_SEED)
     for name in ("validation", "test"):
         if name in splits:
-            splits[name].sentences = common.seeded_subset(splits[name].sentences, args.max_eval_samples, args.seed)
+            splits[name].sentences = common.seeded_subset(splits[name].sentences, args.max_eval_samples, common.DATA_SEED)
             unseen = entity_types([s.tags for s in splits[name].sentences]) - train_types
             if unseen:
                 count = sum(1 for s in splits[name].sentences for tag in s.tags if tag[2:] in unseen and tag[0] == "B")
@@ -810,7 +811,8 @@ def report(metrics: dict[str, Any], output_dir: Path) -> None:
     print(common.format_table(
         [[kind, v["precision"], v["recall"], v["f1"], v["support"]] for kind, v in metrics[last_split]["per_type"].items()],
         ["type", "precision", "recall", "f1", "support"]))
-    print(f"\nsaved model, metrics.json, run_config.json, training log and plot to {output_dir}")
+    print(f"\nsaved to {output_dir}: model, model card (README.md), metrics.json, run_config.json, training log, "
+          f"{common.PLOT_FILE} and {reports.ENTITY_F1_FILE}")
 
 
 def load_data(args: argparse.Namespace) -> encoders.EncoderData:
@@ -855,7 +857,7 @@ TASK = encoders.EncoderTask(
     logged_metrics=("f1", "precision", "recall", "accuracy"), rate=("sentences_per_s", "sentences"),
     load_data=load_data, load_tokenizer=load_word_tokenizer, encode=encode_splits,
     collator=data_collator, compute_metrics=trainer_metrics, evaluate=evaluate, counts=counts,
-    report=report)
+    plot_results=reports.plot_entity_f1, report=report)
 
 
 def run(args: argparse.Namespace, method: str = "full") -> dict[str, Any] | None:

@@ -22,6 +22,7 @@ from typing import Any
 
 import common
 import encoders
+import reports
 from common import UserError
 
 DEFAULT_MODEL = "distilbert-base-uncased"
@@ -185,13 +186,13 @@ def prepare_examples(args: argparse.Namespace, raw: dict[str, list[dict]]) -> tu
         encoded[split] = [(text, index_of[label if label in index_of else str(label)]) for text, label in items]
 
     if "validation" not in encoded:
-        encoded["train"], encoded["validation"] = split_validation(encoded["train"], args.validation_split, args.seed)
+        encoded["train"], encoded["validation"] = split_validation(encoded["train"], args.validation_split, common.DATA_SEED)
         print(f"validation: held out {len(encoded['validation'])} of the training examples "
-              f"(--validation-split {args.validation_split}, stratified, seed {args.seed}).")
-    encoded["train"] = common.seeded_subset(encoded["train"], args.max_train_samples, args.seed)
+              f"(--validation-split {args.validation_split}, stratified, seed {common.DATA_SEED}).")
+    encoded["train"] = common.seeded_subset(encoded["train"], args.max_train_samples, common.DATA_SEED)
     for split in ("validation", "test"):
         if split in encoded:
-            encoded[split] = common.seeded_subset(encoded[split], args.max_eval_samples, args.seed)
+            encoded[split] = common.seeded_subset(encoded[split], args.max_eval_samples, common.DATA_SEED)
     if len({label for _, label in encoded["train"]}) < 2:
         raise UserError("after subsampling, the training data has a single class; raise --max-train-samples.")
     return encoded, label_names
@@ -358,7 +359,8 @@ def report(metrics: dict[str, Any], output_dir: Path) -> None:
     print(common.format_table(
         [[name, v["precision"], v["recall"], v["f1"], v["support"]] for name, v in last["per_class"].items()],
         ["class", "precision", "recall", "f1", "support"]))
-    print(f"\nsaved model, metrics.json, run_config.json, training log and plot to {output_dir}")
+    print(f"\nsaved to {output_dir}: model, model card (README.md), metrics.json, run_config.json, training log, "
+          f"{common.PLOT_FILE} and {reports.CONFUSION_MATRIX_FILE}")
 
 
 def data_collator(tokenizer):
@@ -372,7 +374,8 @@ TASK = encoders.EncoderTask(
     peft_task_type="SEQ_CLS", auto_class="AutoModelForSequenceClassification",
     logged_metrics=("accuracy", "f1_macro"), rate=("samples_per_s", "samples"),
     load_data=load_data, load_tokenizer=common.load_tokenizer, encode=encode_splits, collator=data_collator,
-    compute_metrics=trainer_metrics, evaluate=evaluate, counts=counts, report=report)
+    compute_metrics=trainer_metrics, evaluate=evaluate, counts=counts,
+    plot_results=reports.plot_confusion_matrix, report=report)
 
 
 def run(args: argparse.Namespace, method: str = "full") -> dict[str, Any] | None:

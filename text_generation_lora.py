@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import common
+import reports
 import speedups
 from common import UserError
 
@@ -35,8 +36,9 @@ SAMPLES_FILE = "samples.md"
 MERGED_SUBDIR = "merged"
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = common.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
+def build_parser(description: str = __doc__, output_dir: str = "./gen") -> argparse.ArgumentParser:
+    """The text-generation flags; lora_finetuning.py --task generation builds on the same parser."""
+    parser = common.ArgumentParser(description=description, formatter_class=common.HelpFormatter)
     common.add_model_args(parser, DEFAULT_MODEL)
     data = parser.add_argument_group("data")
     data.add_argument("--train-file", nargs="+", metavar="PATH",
@@ -53,6 +55,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       help="Tokens per training block (default: 256 on CPU, 1024 on GPU, at most the "
                            "model's context).")
     data.add_argument("--max-eval-samples", type=common.positive_int, help="Evaluate on at most this many blocks.")
+    data.add_argument("--unrelated-file", metavar="PATH",
+                      help="Text unlike the training data (same formats): its perplexity before and after "
+                           "training shows what fine-tuning costs the model elsewhere.")
 
     training = parser.add_argument_group("training")
     training.add_argument("--epochs", type=common.positive_float, default=3.0, help="Number of training epochs.")
@@ -70,7 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     common.add_lora_args(parser, variants=False)
     common.add_precision_args(parser)
 
-    output = common.add_output_args(parser, "./gen")
+    output = common.add_output_args(parser, output_dir)
     parser.set_defaults(save_total_limit=1)  # a checkpoint of a causal LM is large; resuming needs the latest only
     output.add_argument("--merge-adapter", action="store_true",
                         help=f"Also write the adapter merged into the base model to OUTPUT_DIR/{MERGED_SUBDIR} "
@@ -88,7 +93,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     generation.add_argument("--top-k", type=int, default=50, help="Sample among the k most likely tokens (0: off).")
     generation.add_argument("--top-p", type=common.positive_float, default=0.95, help="Nucleus sampling threshold.")
     generation.add_argument("--num-return-sequences", type=common.positive_int, default=1, help="Samples per prompt.")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The checks argparse cannot make."""
     common.settle_dataset_args(parser, args)
     if not args.do_sample and args.num_return_sequences > 1:
         parser.error("--greedy gives one sequence per prompt; drop --num-return-sequences or --greedy")
@@ -96,6 +105,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--top-p must be at most 1")
     if args.dataset and args.train_file:
         parser.error("--dataset and --train-file are mutually exclusive")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_args(parser, args)
     return args
 
 
@@ -192,7 +207,7 @@ def build_blocks(args, tokenizer, train_docs, validation_docs, block_size: int) 
     print(f"tokens: {len(train_ids):,} training tokens in {len(train_blocks)} blocks of {block_size} "
           f"(dropped the last {len(train_ids) - used} that do not fill a block); "
           f"{len(validation_ids):,} validation tokens in {len(validation_blocks)} blocks.")
-    train_blocks = common.seeded_subset(train_blocks, args.max_train_samples, args.seed)
+    train_blocks = common.seeded_subset(train_blocks, args.max_train_samples, common.DATA_SEED)
     validation_blocks = validation_blocks[:args.max_eval_samples] if args.max_eval_samples else validation_blocks
     return {"train": train_blocks, "validation": validation_blocks}
 
@@ -432,6 +447,10 @@ def report(metrics: dict[str, Any], output_dir: Path) -> None:
     change = 100 * (metrics["perplexity"] / metrics["perplexity_before"] - 1)
     print(f"perplexity  {metrics['perplexity_before']:.2f} before -> {metrics['perplexity']:.2f} after "
           f"({change:+.1f}%) on {metrics['validation']['tokens']:,} validation tokens")
+    if "unrelated" in metrics:
+        unrelated = metrics["unrelated"]
+        print(f"            {unrelated['perplexity_before']:.2f} before -> {unrelated['perplexity']:.2f} after on "
+              f"unrelated text ({unrelated['file']})")
     print(f"\nsaved to {output_dir} (samples in {SAMPLES_FILE})")
 
 
@@ -446,6 +465,7 @@ def run(args: argparse.Namespace) -> int:
 
     # 1. Read the text.
     train_docs, validation_docs, source = load_documents(args)
+    unrelated_docs = read_documents([args.unrelated_file], "--unrelated-file", None) if args.unrelated_file else None
     print(f"data: {source}: {len(train_docs)} training document(s)"
           + (f", {len(validation_docs)} validation document(s)" if validation_docs else ""))
 
@@ -455,6 +475,11 @@ def run(args: argparse.Namespace) -> int:
     block_size = choose_block_size(args, model, tokenizer)
     print(f"model: {resolved.name}  method: {method}  precision: {precision}")
     blocks = build_blocks(args, tokenizer, train_docs, validation_docs, block_size)
+    if unrelated_docs:
+        blocks["unrelated"] = cut_blocks(token_stream(tokenizer, unrelated_docs), block_size, keep_partial=True)
+        blocks["unrelated"] = blocks["unrelated"][:args.max_eval_samples or len(blocks["validation"])]
+        if not blocks["unrelated"]:
+            raise UserError(f"--unrelated-file {args.unrelated_file}: too short to score (fewer than 2 tokens).")
     common.check_one_batch(len(blocks["train"]), args.batch_size, f"blocks of {block_size} tokens",
                            "add text, lower --block-size")
 
@@ -474,7 +499,12 @@ def run(args: argparse.Namespace) -> int:
 
     def measure(when: str) -> tuple[dict[str, float], list[list[str]]]:
         result = perplexity(model, blocks["validation"], args.eval_batch_size, tokenizer.pad_token_id, precision, chunked)
-        print(f"perplexity {when} training: {result['perplexity']:.2f}")
+        line = f"perplexity {when} training: {result['perplexity']:.2f}"
+        if "unrelated" in blocks:
+            result["unrelated"] = perplexity(model, blocks["unrelated"], args.eval_batch_size, tokenizer.pad_token_id,
+                                             precision, chunked)
+            line += f" (unrelated text: {result['unrelated']['perplexity']:.2f})"
+        print(line)
         return result, generate(model, tokenizer, prompts, args)
 
     if args.full:
@@ -521,10 +551,17 @@ def run(args: argparse.Namespace) -> int:
         {"loss": after["loss"], "perplexity": after["perplexity"], "tokens": after["tokens"]}, None,
         {"perplexity_before": before["perplexity"], "perplexity": after["perplexity"],
          "eval_loss_before": before["loss"], "eval_loss": after["loss"],
-         "adapter_size_mb": common.directory_size_mb(output_dir) if not args.full else None})
+         "adapter_size_mb": common.directory_size_mb(output_dir) if not args.full else None,
+         "saved_size_mb": common.directory_size_mb(output_dir),
+         "samples": [{"prompt": prompt, "before": base, "after": tuned}
+                     for prompt, base, tuned in zip(prompts, samples_before, samples_after)]})
+    if "unrelated" in blocks:
+        metrics["unrelated"] = {"file": args.unrelated_file, "perplexity_before": before["unrelated"]["perplexity"],
+                                "perplexity": after["unrelated"]["perplexity"], "tokens": after["unrelated"]["tokens"]}
     common.write_json(output_dir / common.METRICS_FILE, metrics)
-    common.plot_training_curves(common.read_jsonl(output_dir / common.TRAINING_LOG_FILE), "loss",
-                                output_dir / common.PLOT_FILE, f"{Path(resolved.name).name}: {method}")
+    reports.plot_training_curves(common.read_jsonl(output_dir / common.TRAINING_LOG_FILE), "loss",
+                                 output_dir / common.PLOT_FILE, f"{Path(resolved.name).name}: {method}")
+    reports.write_model_card(output_dir, metrics, common.read_json(output_dir / common.RUN_CONFIG_FILE))
     report(metrics, output_dir)
     return 0
 
@@ -576,8 +613,8 @@ def save_merged(model, tokenizer, output_dir: Path) -> None:
         tokenizer.save_pretrained(staging / MERGED_SUBDIR)))
 
 
-def main() -> int:
-    args = parse_args()
+def main(args: argparse.Namespace | None = None) -> int:
+    args = args or parse_args()
     common.set_trust_remote_code(args.trust_remote_code)
     if (args.prompt or args.prompt_file) and not (args.train_file or args.dataset):
         common.quiet_libraries()

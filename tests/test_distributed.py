@@ -50,7 +50,7 @@ def data_flags(files: dict[str, Path]) -> tuple:
 
 def check_saved_once(output_dir: Path, stdout: str, model_files: tuple[str, ...], epochs: int = 2) -> dict:
     """One report, every output exactly once and complete, no leftovers of the save machinery."""
-    assert stdout.count("saved model, metrics.json") == 1, stdout
+    assert stdout.count("model card (README.md), metrics.json") == 1, stdout
     checkpoints = "checkpoints: every epoch" if epochs > 1 else "checkpoints: none in a run of one epoch"
     assert stdout.count(checkpoints) == 1, stdout
     for name in (*model_files, "tokenizer.json", "metrics.json", "run_config.json", "training_log.jsonl",

@@ -23,7 +23,8 @@ def tiny_encoders(tmp_path_factory) -> dict[str, Path]:
 
 
 def lora_args(**overrides) -> argparse.Namespace:
-    values = dict(lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_target_modules=None, use_rslora=False, use_dora=False)
+    values = dict(lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_target_modules=None, use_rslora=False, use_dora=False,
+                  lora_layers=None)
     values.update(overrides)
     return argparse.Namespace(**values)
 
@@ -265,23 +266,6 @@ def test_ner_lora_run_predict_and_merge(tiny_encoders, tmp_path):
     assert "Maria Costa flew to Lisbon." in adapter_run.stdout
 
 
-def test_ner_compare_reports_entity_f1(tiny_encoders, tmp_path):
-    result = run_script(SCRIPT, "--task", "ner", "--compare", "--model-name", tiny_encoders["bert"], "--output-dir", tmp_path,
-                        *NER_FAST)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    full = json.loads((tmp_path / "full" / "metrics.json").read_text())
-    lora = json.loads((tmp_path / "lora" / "metrics.json").read_text())
-    assert full["task"] == lora["task"] == "token-classification"
-    assert full["train"]["examples"] == lora["train"]["examples"] == 64
-    comparison = json.loads((tmp_path / "comparison.json").read_text())
-    assert comparison["metric"] == "f1"
-    assert comparison["metric_difference_points"] == pytest.approx(100 * (lora["test"]["f1"] - full["test"]["f1"]), abs=0.01)
-    assert comparison["lora"]["test_f1"] == lora["test"]["f1"]
-    report = (tmp_path / "comparison.md").read_text()
-    for section in ("validation entity F1", "test entity F1", "test token accuracy", "Test entity F1: LoRA"):
-        assert section in report, section
-
-
 def test_compare_runs_of_different_tasks(tiny_encoders, tmp_path):
     for directory, task in (("a", "text-classification"), ("b", "token-classification")):
         (tmp_path / directory).mkdir()
@@ -389,3 +373,29 @@ def test_lora_run_with_its_tricks_logs_the_training_of_one_without(tiny_encoders
     fast, plain = logs.values()
     assert len(fast) == len(plain) >= 4
     assert fast == pytest.approx(plain, rel=0.03)
+
+
+def test_lora_layers_adapts_the_top_layers_only_and_skips_the_backward_below(tiny_encoders):
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    import common
+    import encoders
+
+    resolved = common.ResolvedModel(path=str(tiny_encoders["bert"]), name="bert")
+    model, fresh = encoders.load_with_fresh_head(AutoModelForSequenceClassification, resolved, LABELS, "classification")
+    model, _ = common.apply_lora(model, lora_args(lora_layers=1, lora_target_modules=["query", "value", "output.dense"]),
+                                 "SEQ_CLS", encoders.lora_head_modules(model, fresh))
+    adapted = sorted({name.split(".lora_A")[0] for name, _ in model.named_parameters() if ".lora_A" in name})
+    assert adapted and all(".layer.1." in name for name in adapted), adapted  # the top one of two layers
+    assert any(name.endswith("attention.output.dense") for name in adapted)  # a dotted target, as PEFT matches it
+    # The lower layer gets no backward pass: its output needs no gradient.
+    seen = {}
+    model.base_model.model.bert.encoder.layer[0].register_forward_hook(lambda m, i, o: seen.update(low=o[0].requires_grad))
+    model.base_model.model.bert.encoder.layer[1].register_forward_hook(lambda m, i, o: seen.update(high=o[0].requires_grad))
+    model(input_ids=torch.tensor([[2, 10, 11, 3]]), labels=torch.tensor([1])).loss.backward()
+    assert seen == {"low": False, "high": True}
+    fresh_model, fresh = encoders.load_with_fresh_head(AutoModelForSequenceClassification, resolved, LABELS, "classification")
+    with pytest.raises(common.UserError, match="--lora-layers 3: the model has 2 layers"):
+        common.apply_lora(fresh_model, lora_args(lora_layers=3), "SEQ_CLS", [])
+
