@@ -907,11 +907,20 @@ LORA_TARGETS = {
        for model_type in ("llama", "mistral", "qwen2", "qwen3", "gemma")},
     "phi": ["q_proj", "k_proj", "v_proj", "dense"], "t5": ["q", "v"],
 }
+# Every linear layer of each encoder block (attention and feed-forward), for tasks that need more
+# than the attention's query and value: on WikiANN-en NER (5,000 sentences, one epoch) these at
+# rank 16 matched full fine-tuning where query and value alone scored 18 points lower (BENCHMARKS.md).
+LORA_BLOCK_TARGETS = {
+    **{model_type: ["query", "key", "value", "dense"]
+       for model_type in ("bert", "roberta", "xlm-roberta", "electra", "camembert")},
+    "distilbert": ["q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"],
+}
 
 
 def add_lora_args(parser: argparse.ArgumentParser, dropout: float = 0.0, rank: int = 8,
-                  variants: bool = True) -> argparse._ArgumentGroup:
-    """The LoRA flags; without `variants`, no --lora-dropout, --use-rslora or --use-dora (plain LoRA)."""
+                  variants: bool = True, block_targets: bool = False) -> argparse._ArgumentGroup:
+    """The LoRA flags; without `variants`, no --lora-dropout, --use-rslora or --use-dora (plain LoRA).
+    `block_targets`: adapt every linear layer of each block by default (LORA_BLOCK_TARGETS)."""
     group = parser.add_argument_group("LoRA")
     group.add_argument("--lora-r", type=positive_int, default=rank, help="Rank of the LoRA update matrices.")
     group.add_argument("--lora-alpha", type=positive_float, default=2 * rank,
@@ -920,7 +929,8 @@ def add_lora_args(parser: argparse.ArgumentParser, dropout: float = 0.0, rank: i
                        help="Module names to adapt, or 'all-linear' (default: chosen per architecture, "
                             "e.g. q_lin v_lin for DistilBERT, query value for BERT, c_attn for GPT-2, "
                             "all seven projections of each block for Llama).")
-    parser.set_defaults(lora_dropout=dropout, use_rslora=False, use_dora=False, lora_layers=None)
+    parser.set_defaults(lora_dropout=dropout, use_rslora=False, use_dora=False, lora_layers=None,
+                        lora_block_targets=block_targets)
     if variants:
         group.add_argument("--lora-dropout", type=float, default=dropout,
                            help="Dropout on the adapter's input (0 skips a copy of every adapted activation).")
@@ -932,8 +942,9 @@ def add_lora_args(parser: argparse.ArgumentParser, dropout: float = 0.0, rank: i
     return group
 
 
-def lora_target_modules(model, requested: Sequence[str] | None) -> list[str] | str:
-    """The modules to adapt: the user's list (checked against the model) or the architecture default."""
+def lora_target_modules(model, requested: Sequence[str] | None, block: bool = False) -> list[str] | str:
+    """The modules to adapt: the user's list (checked against the model) or the architecture's
+    default (with `block`, every linear layer of each block where LORA_BLOCK_TARGETS knows them)."""
     import torch
 
     linear_modules = [name for name, module in model.named_modules()
@@ -952,7 +963,7 @@ def lora_target_modules(model, requested: Sequence[str] | None) -> list[str] | s
                             f"(it has: {', '.join(linear_names)}).")
         return list(requested)
     model_type = getattr(model.config, "model_type", "")
-    default = LORA_TARGETS.get(model_type)
+    default = (block and LORA_BLOCK_TARGETS.get(model_type)) or LORA_TARGETS.get(model_type)
     if default and all(matches(name) for name in default):
         return default
     print(f"note: no LoRA default for model type '{model_type}'; adapting all linear layers.")
@@ -963,7 +974,7 @@ def apply_lora(model, args: argparse.Namespace, task_type: str, modules_to_save:
     """Wrap `model` in a PEFT LoRA model built from the --lora-* flags."""
     from peft import LoraConfig, get_peft_model
 
-    targets = lora_target_modules(model, args.lora_target_modules)
+    targets = lora_target_modules(model, args.lora_target_modules, getattr(args, "lora_block_targets", False))
     layers, top = model.config.num_hidden_layers, getattr(args, "lora_layers", None)
     if top and top > layers:
         raise UserError(f"--lora-layers {top}: the model has {layers} layers; pass at most {layers}.")

@@ -216,7 +216,7 @@ def test_ner_and_lora_runs_write_their_cards_and_entity_chart(tiny_bert, tmp_pat
     metadata, body = read_model_card(tmp_path)
     assert metadata["library_name"] == "peft" and metadata["pipeline_tag"] == "token-classification"
     assert card_metrics(metadata)[("test", "f1")] == pytest.approx(metrics["test"]["f1"], abs=1e-4)
-    assert "LoRA rank / alpha | 8 / 16" in body and "AutoPeftModelForTokenClassification" in body
+    assert "LoRA rank / alpha | 16 / 32" in body and "AutoPeftModelForTokenClassification" in body
     assert (tmp_path / "entity_f1.png").read_bytes()[:4] == b"\x89PNG"
 
 

@@ -248,7 +248,7 @@ def test_ner_lora_run_predict_and_merge(tiny_encoders, tmp_path):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["task"] == "token-classification" and metrics["method"] == "lora"
-    assert metrics["lora"]["target_modules"] == ["query", "value"]
+    assert metrics["lora"]["target_modules"] == ["query", "key", "value", "dense"]  # every linear layer of each block
     assert metrics["lora"]["modules_to_save"] == ["classifier"]
     assert 0 <= metrics["test"]["f1"] <= 1 and "per_type" in metrics["test"]
     assert (tmp_path / "adapter_model.safetensors").is_file() and not (tmp_path / "model.safetensors").exists()
