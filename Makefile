@@ -20,7 +20,7 @@ demo: setup
 	$(BIN)/python sentiment_finetuning.py --output-dir results/sentiment --overwrite-output-dir
 
 test: setup
-	$(BIN)/python -m pytest tests -q -rs
+	$(BIN)/python -m pytest tests -q -rs -n 2 --dist loadfile
 
 clean:
 	rm -rf $(VENV) results

@@ -89,6 +89,14 @@ def test_encoder_compare_over_two_seeds(task, tiny_bert, tmp_path):
     assert full["train"]["examples"] == lora["train"]["examples"] == 64  # same data for every run
     assert comparison["full"]["trainable_params"] == full["params"]["trainable"]
     assert comparison["lora"]["trainable_params"] == lora["params"]["trainable"]
+    # The report again from two finished runs: one seed, the same figures for them.
+    again = run_script(SCRIPT, "--compare-runs", tmp_path / "full" / "seed-3", tmp_path / "lora" / "seed-3",
+                       "--output-dir", tmp_path / "again")
+    assert again.returncode == 0, again.stderr[-2000:]
+    single = json.loads((tmp_path / "again" / "comparison.json").read_text())
+    assert single["seeds"] == [3] and single["difference_ci95_points"] is None
+    assert single["verdict"] == "no clear difference" and "one seed" in (tmp_path / "again" / "comparison.md").read_text()
+    assert single["full"]["test_" + metric] == full["test"][metric]
 
 
 def test_generation_compare_over_two_seeds(tiny_gpt2, tmp_path):

@@ -175,34 +175,6 @@ def test_lora_run_trains_only_adapters_and_head(tiny_encoders, tmp_path):
     assert "reduction" in result.stdout
 
 
-def test_compare_writes_the_report_from_both_runs(tiny_encoders, tmp_path):
-    result = run_script(SCRIPT, "--compare", "--model-name", tiny_encoders["bert"], "--output-dir", tmp_path, *FAST)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    full = json.loads((tmp_path / "full" / "metrics.json").read_text())
-    lora = json.loads((tmp_path / "lora" / "metrics.json").read_text())
-    assert full["method"] == "full" and lora["method"] == "lora"
-    assert full["train"]["examples"] == lora["train"]["examples"] == 96
-    assert full["labels"] == lora["labels"]
-    comparison = json.loads((tmp_path / "comparison.json").read_text())
-    assert comparison["full"]["trainable_params"] == full["params"]["trainable"]
-    assert comparison["lora"]["trainable_params"] == lora["params"]["trainable"]
-    assert comparison["lora"]["train_runtime_s"] == lora["train"]["runtime_s"]
-    assert comparison["lora"]["test_accuracy"] == lora["test"]["accuracy"]
-    steps = {name: run["train"]["runtime_s"] - run["train"]["eval_time_s"] for name, run in (("full", full), ("lora", lora))}
-    assert comparison["lora_time_ratio"] == pytest.approx(steps["lora"] / steps["full"], abs=1e-3)
-    assert comparison["lora_time_ratio_with_evaluation"] == pytest.approx(
-        lora["train"]["runtime_s"] / full["train"]["runtime_s"], abs=1e-3)
-    report = (tmp_path / "comparison.md").read_text()
-    for section in ("trainable parameters", "total parameters", "saved size", "training time", "samples/s",
-                    "peak memory", "validation accuracy", "test accuracy", "loss_curves.png", "metric_vs_time.png"):
-        assert section in report, section
-    for image in ("loss_curves.png", "metric_vs_time.png"):
-        assert (tmp_path / image).read_bytes()[:4] == b"\x89PNG"
-    again = run_script(SCRIPT, "--compare-runs", tmp_path / "full", tmp_path / "lora", "--output-dir", tmp_path / "again")
-    assert again.returncode == 0, again.stderr
-    assert json.loads((tmp_path / "again" / "comparison.json").read_text())["full"] == comparison["full"]
-
-
 # ---- token classification (--task ner) -------------------------------------------------------------
 
 NER_LABELS = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
