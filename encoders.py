@@ -40,8 +40,8 @@ def add_training_args(parser: argparse.ArgumentParser, learning_rate: float, fal
     group.add_argument("--warmup-ratio", type=float, default=warmup_ratio,
                        help="Fraction of the training steps spent warming the learning rate up.")
     group.add_argument("--max-length", type=common.positive_int, default=128, help="Maximum tokens per input.")
-    group.add_argument("--seed", type=int, default=42, help="Random seed: initialisation, batch order, dropout (the validation split does not "
-                            "depend on it).")
+    group.add_argument("--seed", type=int, default=42,
+                       help="Random seed: initialisation, batch order, dropout (not the validation split).")
     group.add_argument("--early-stopping-patience", type=common.positive_int,
                        help="Stop after this many evaluations without improvement.")
     common.add_resume_arg(group)
@@ -73,8 +73,8 @@ def settle_learning_rate(args: argparse.Namespace, model: ResolvedModel) -> None
     """Fill in --learning-rate when the user left it out. The bundled MiniLM gets its own rate
     however it was named, and the script says so. A rate the user chose for a model that the
     bundled one replaces (the hub unreachable) is scaled by the ratio of the two defaults: a rate
-    tuned for DistilBERT leaves the smaller MiniLM far from converged (2e-5 for 3 epochs on the
-    embedded reviews: test accuracy 0.67, against 0.8+ at the scaled 1e-4)."""
+    tuned for DistilBERT leaves the smaller MiniLM far from converged in the same epochs (the
+    quick start's figures are in BENCHMARKS.md)."""
     if args.learning_rate is not None:
         scale = args.fallback_learning_rate / args.default_learning_rate
         if model.fallback and scale != 1:
