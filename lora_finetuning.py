@@ -307,10 +307,8 @@ def run_compare(args: argparse.Namespace, argv: list[str]) -> None:
 def default_unrelated_text(args: argparse.Namespace) -> Path:
     """Text unlike the training data, to see what fine-tuning costs elsewhere: the embedded reviews
     when training on the embedded recipes, else the recipes."""
-    import text_generation_lora
-
     if args.train_file or args.dataset:
-        return text_generation_lora.DEFAULT_CORPUS
+        return text_generation.DEFAULT_CORPUS
     return common.DATA_DIR / "sentiment" / "test.csv"
 
 
@@ -416,6 +414,7 @@ def write_comparison(full_dirs: list[Path], lora_dirs: list[Path], output_dir: P
     differences = [scale * (l[split][primary] - f[split][primary]) for f, l in zip(full, lora)]
     interval = difference_interval(differences)
     full_row, lora_row = method_row(full, scored), method_row(lora, scored)
+    runs = {"full": records(full), "lora": records(lora)}
     comparison = {
         "full": full_row, "lora": lora_row,
         "parameter_reduction_pct": round(100 * (1 - lora_row["trainable_params"] / full_row["trainable_params"]), 3),
@@ -430,8 +429,8 @@ def write_comparison(full_dirs: list[Path], lora_dirs: list[Path], output_dir: P
                                                  "alpha": lora[0]["config"].get("args", {}).get("lora_alpha"),
                                                  "target_modules": lora[0]["config"].get("lora_targets")},
         "hardware": full[0]["hardware"], "versions": full[0]["versions"],
-        "seeds": [record["seed"] for record in records(full)],
-        "runs": {"full": records(full), "lora": records(lora)},
+        "seeds": [record["seed"] for record in runs["full"]],
+        "runs": runs,
         "summary": {"full": summary(full), "lora": summary(lora)},
         "difference_ci95_points": [round(bound, 3) for bound in interval] if interval else None,
         "difference_method": "paired t interval (95%) over the seeds of LoRA minus full fine-tuning, "
@@ -449,7 +448,7 @@ def write_comparison(full_dirs: list[Path], lora_dirs: list[Path], output_dir: P
 def plot_comparison(full: list[dict], lora: list[dict], output_dir: Path, split: str, metric: tuple[str, str]) -> None:
     """loss_curves.png (one line per seed), metric_vs_time.png (one point per run) and
     scores.png (per class, per entity type, or perplexity before and after)."""
-    plt = reports._pyplot()
+    plt = reports.pyplot()
     colours = {"full fine-tuning": "tab:blue", "LoRA": "tab:orange"}
     methods = (("full fine-tuning", full), ("LoRA", lora))
     fig, axis = plt.subplots(figsize=(7, 4))

@@ -174,7 +174,8 @@ def _limitations(metrics: dict[str, Any]) -> list[str]:
 # --------------------------------------------------------------------------------------------
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -188,7 +189,7 @@ def plot_training_curves(records: Iterable[dict[str, Any]], metric: str, path: P
     (written by the main process only)."""
     if not common.is_main_process():
         return
-    plt = _pyplot()
+    plt = pyplot()
     records = list(records)
     losses = [(r["epoch"], r["loss"]) for r in records if "loss" in r]
     evals = [(r["epoch"], r[f"eval_{metric}"]) for r in records if f"eval_{metric}" in r]
@@ -221,7 +222,7 @@ def plot_confusion_matrix(metrics: dict[str, Any], output_dir: Path) -> None:
 
     split = scored_split(metrics)
     labels = [str(label) for label in metrics["labels"]]
-    plt = _pyplot()
+    plt = pyplot()
     fig, axis = plt.subplots(figsize=(2.5 + 0.6 * len(labels), 2 + 0.6 * len(labels)))
     ConfusionMatrixDisplay(np.array(metrics[split]["confusion_matrix"]), display_labels=labels).plot(
         ax=axis, cmap="Blues", colorbar=False, xticks_rotation=45 if len(labels) > 4 else "horizontal")
@@ -247,7 +248,7 @@ def grouped_bars(path: Path, groups: list[str], series: dict[str, list[float]], 
     """One cluster of bars per group, one bar per series (optional error bars)."""
     import numpy as np
 
-    plt = _pyplot()
+    plt = pyplot()
     positions = np.arange(len(groups))
     width = 0.8 / max(1, len(series))
     fig, axis = plt.subplots(figsize=(max(5.0, 1.2 * len(groups) + 2), 4))

@@ -546,13 +546,13 @@ def run(args: argparse.Namespace) -> int:
                    "block_size": block_size, "final_loss": round(result.training_loss, 4),
                    "chunked_loss": chunked, "fast_attention": "cpu_attention" in applied, "speedups": applied,
                    "peak_rss_mb": common.peak_rss_mb(), "wall_time_s": round(time.perf_counter() - started, 2)}
+    saved_size_mb = common.directory_size_mb(output_dir)
     metrics = common.build_metrics(
         "text-generation", method, resolved.name, precision, params, train_stats,
         {"loss": after["loss"], "perplexity": after["perplexity"], "tokens": after["tokens"]}, None,
         {"perplexity_before": before["perplexity"], "perplexity": after["perplexity"],
          "eval_loss_before": before["loss"], "eval_loss": after["loss"],
-         "adapter_size_mb": common.directory_size_mb(output_dir) if not args.full else None,
-         "saved_size_mb": common.directory_size_mb(output_dir),
+         "adapter_size_mb": saved_size_mb if not args.full else None, "saved_size_mb": saved_size_mb,
          "samples": [{"prompt": prompt, "before": base, "after": tuned}
                      for prompt, base, tuned in zip(prompts, samples_before, samples_after)]})
     if "unrelated" in blocks:
