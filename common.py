@@ -17,9 +17,9 @@ import functools
 import importlib.util
 import json
 import os
-import platform
 import random
 import resource
+import shlex
 import signal
 import sys
 import time
@@ -34,6 +34,7 @@ RUN_CONFIG_FILE = "run_config.json"
 TRAINING_LOG_FILE = "training_log.jsonl"
 PLOT_FILE = "training_curves.png"
 CHECKPOINT_SUBDIR = "checkpoints"
+TENSORBOARD_SUBDIR = "runs"
 # The validation split and the subsets of --max-*-samples use this seed, not --seed: runs that differ
 # only in their seed (lora_finetuning.py --compare --seeds) train and score on the same examples.
 DATA_SEED = 42
@@ -159,6 +160,13 @@ def positive_float(text: str) -> float:
     return value
 
 
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be zero or a positive number, got {text}")
+    return value
+
+
 def fraction(text: str) -> float:
     value = float(text)
     if not 0 < value < 1:
@@ -280,8 +288,32 @@ def add_output_args(parser: argparse.ArgumentParser, default_dir: str) -> argpar
                        help="Write a checkpoint every N optimizer steps instead of after every epoch, and keep "
                             f"the checkpoints after the run (at most {SAVE_TOTAL_LIMIT} on disk, the best included); "
                             "the classification and NER scripts then also evaluate every N steps.")
+    group.add_argument("--report-to", choices=("none", "tensorboard"), default="none",
+                       help="tensorboard: also write the training loss, learning rate and validation metrics as "
+                            f"TensorBoard event files to OUTPUT_DIR/{TENSORBOARD_SUBDIR} (tensorboard --logdir to view).")
     parser.set_defaults(save_total_limit=SAVE_TOTAL_LIMIT)
     return group
+
+
+def add_batch_scaling_args(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--gradient-accumulation-steps", type=positive_int, default=1, metavar="N",
+                       help="Add up the gradients of N batches before each optimizer step: the effective batch of "
+                            "--batch-size x N (x processes) in the memory of one batch.")
+    group.add_argument("--gradient-checkpointing", action="store_true",
+                       help="Keep fewer activations and recompute them in the backward pass: less memory for a "
+                            "larger model, batch or input, at about a third more compute.")
+
+
+def batch_scaling(args: argparse.Namespace, announce: bool = True) -> dict[str, Any]:
+    """The batch per optimizer step and what makes it (metrics.json's train record); `announce` prints it."""
+    scaling = {"gradient_accumulation_steps": args.gradient_accumulation_steps,
+               "effective_batch_size": args.batch_size * args.gradient_accumulation_steps * world_size(),
+               "gradient_checkpointing": args.gradient_checkpointing}
+    if announce:
+        print(f"batch: {args.batch_size} x {args.gradient_accumulation_steps} accumulation step(s) x {world_size()} "
+              f"process(es) = {scaling['effective_batch_size']} per optimizer step"
+              + ("; gradient checkpointing on" if args.gradient_checkpointing else ""))
+    return scaling
 
 
 def keeps_checkpoints(args: argparse.Namespace) -> bool:
@@ -559,6 +591,18 @@ def detect_column(columns: Sequence[str], requested: str | None, candidates: Seq
                     f"{', '.join(columns)}); name it with {flag}.")
 
 
+def read_texts(values: list[str], flag: str, extensions: Sequence[str]) -> list[str]:
+    """The texts of a repeatable flag (--predict, --prompt), each @FILE replaced by the file's non-empty lines."""
+    texts = []
+    for value in values:
+        if value.startswith("@") and len(value) > 1:
+            file = check_input_file(value[1:], f"{flag} @FILE", extensions)
+            texts += [line.rstrip() for line in read_text_file(file, flag).splitlines() if line.strip()]
+        elif value.strip():
+            texts.append(value)
+    return texts
+
+
 def load_hub_dataset(name: str, config: str | None):
     """Load a hub dataset, turning 'no network' and 'no such dataset' into one clear line."""
     import datasets
@@ -632,36 +676,6 @@ def resolve_resume_checkpoint(requested: str | None, output_dir: Path) -> str | 
     return str(checkpoint)
 
 
-def environment_info() -> dict[str, Any]:
-    import accelerate
-    import datasets
-    import torch
-    import transformers
-
-    versions = {"python": platform.python_version(), "torch": torch.__version__,
-                "transformers": transformers.__version__, "datasets": datasets.__version__,
-                "accelerate": accelerate.__version__}
-    for optional in ("peft", "sklearn", "seqeval"):
-        if importlib.util.find_spec(optional):
-            module = __import__(optional)
-            versions[optional] = getattr(module, "__version__", "unknown")
-    hardware = {"platform": platform.platform(), "processor": cpu_name(),
-                "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                "cpu_bf16": cpu_supports_bf16(),
-                "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
-    return {"versions": versions, "hardware": hardware}
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far, in MiB."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -688,19 +702,6 @@ def save_run_config(output_dir: Path, args: argparse.Namespace, extra: dict[str,
     write_json(output_dir / RUN_CONFIG_FILE, {"argv": sys.argv, "args": vars(args), **extra})
 
 
-def build_metrics(task: str, method: str, model_name: str, precision: str, params: dict[str, int],
-                  train: dict[str, Any], validation: dict[str, Any], test: dict[str, Any] | None,
-                  extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The metrics.json schema shared by every script."""
-    metrics = {"task": task, "method": method, "model": model_name, "precision": precision,
-               "params": params, "train": train, "validation": validation}
-    if test is not None:
-        metrics["test"] = test
-    metrics.update(extra or {})
-    metrics.update(environment_info())
-    return metrics
-
-
 # --------------------------------------------------------------------------------------------
 # Training helpers
 # --------------------------------------------------------------------------------------------
@@ -719,8 +720,9 @@ def describe_checkpoints(output_dir: Path, save_steps: int | None, limit: int = 
             "kept after the run")
 
 
-def make_callbacks(output_dir: Path):
-    """Callbacks shared by the scripts: a JSONL training log and graceful Ctrl-C handling."""
+def make_callbacks(output_dir: Path, report_to: str = "none"):
+    """Callbacks shared by the scripts: a JSONL training log, graceful Ctrl-C handling and, with
+    --report-to tensorboard, the library's TensorBoard callback. Returns them all and the Ctrl-C one."""
     from transformers import TrainerCallback
 
     class TrainingLog(TrainerCallback):
@@ -790,7 +792,23 @@ def make_callbacks(output_dir: Path):
             for sig, handler in self.previous.items():
                 signal.signal(sig, handler)
 
-    return TrainingLog(), GracefulInterrupt()
+    interrupt = GracefulInterrupt()
+    return [TrainingLog(), interrupt, *tensorboard_callbacks(output_dir, report_to)], interrupt
+
+
+def tensorboard_callbacks(output_dir: Path, report_to: str) -> list:
+    if report_to != "tensorboard":
+        return []
+    from transformers.integrations import TensorBoardCallback
+
+    try:
+        callback = TensorBoardCallback()
+    except RuntimeError:
+        raise UserError("--report-to tensorboard needs the tensorboard package: pip install tensorboard.") from None
+    # What TENSORBOARD_LOGGING_DIR would set: beside the model, not under checkpoints/ (deleted after
+    # a successful run), and the same folder for the logs written after training.
+    callback.logging_dir = str(output_dir / TENSORBOARD_SUBDIR)
+    return [callback]
 
 
 def read_json(path: Path) -> Any:
@@ -827,8 +845,7 @@ def resume_command(output_dir: Path) -> str:
     launcher = ["python"] if world <= 1 else (
         ["torchrun", f"--nproc_per_node={per_node}"]
         + ([f"--nnodes={world // per_node}", "<the rendezvous flags of the first run>"] if world > per_node else []))
-    return " ".join([*launcher, *map(shell_quote, argv), "--resume-from-checkpoint",
-                     shell_quote(str(checkpoint) if checkpoint else "auto")])
+    return " ".join([*launcher, shlex.join([*argv, "--resume-from-checkpoint", str(checkpoint) if checkpoint else "auto"])])
 
 
 def train(trainer, interrupt, resume: str | None, output_dir: Path, context) -> tuple[Any, float] | None:
@@ -842,21 +859,6 @@ def train(trainer, interrupt, resume: str | None, output_dir: Path, context) -> 
         print(f"\ntraining interrupted; checkpoint saved. Resume with:\n  {resume_command(output_dir)}", file=sys.stderr)
         return None
     return result, time.perf_counter() - started
-
-
-def shell_quote(text: str) -> str:
-    import shlex
-
-    return shlex.quote(text)
-
-
-def format_table(rows: list[list[Any]], header: list[str]) -> str:
-    """A plain fixed-width text table."""
-    cells = [header] + [[f"{c:.4f}" if isinstance(c, float) else str(c) for c in row] for row in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) for row in cells]
-    lines.insert(1, "  ".join("-" * width for width in widths))
-    return "\n".join(lines)
 
 
 def save_atomically(output_dir: Path, save: Callable[[Path], None]) -> None:
@@ -919,7 +921,7 @@ LORA_BLOCK_TARGETS = {
 
 def add_lora_args(parser: argparse.ArgumentParser, dropout: float = 0.0, rank: int = 8,
                   variants: bool = True, block_targets: bool = False) -> argparse._ArgumentGroup:
-    """The LoRA flags; without `variants`, no --lora-dropout, --use-rslora or --use-dora (plain LoRA).
+    """The LoRA flags; without `variants`, no --lora-dropout, --lora-layers or --lora-variant (plain LoRA).
     `block_targets`: adapt every linear layer of each block by default (LORA_BLOCK_TARGETS)."""
     group = parser.add_argument_group("LoRA")
     group.add_argument("--lora-r", type=positive_int, default=rank, help="Rank of the LoRA update matrices.")
@@ -929,7 +931,7 @@ def add_lora_args(parser: argparse.ArgumentParser, dropout: float = 0.0, rank: i
                        help="Module names to adapt, or 'all-linear' (default: chosen per architecture, "
                             "e.g. q_lin v_lin for DistilBERT, query value for BERT, c_attn for GPT-2, "
                             "all seven projections of each block for Llama).")
-    parser.set_defaults(lora_dropout=dropout, use_rslora=False, use_dora=False, lora_layers=None,
+    parser.set_defaults(lora_dropout=dropout, lora_variant="lora", lora_layers=None,
                         lora_block_targets=block_targets)
     if variants:
         group.add_argument("--lora-dropout", type=float, default=dropout,
@@ -937,8 +939,11 @@ def add_lora_args(parser: argparse.ArgumentParser, dropout: float = 0.0, rank: i
         group.add_argument("--lora-layers", type=positive_int, metavar="N",
                            help="Adapt the top N transformer layers only (default: all). The layers below the "
                                 "lowest adapter need no backward pass, which saves training time.")
-        group.add_argument("--use-rslora", action="store_true", help="Rank-stabilised scaling (alpha / sqrt(r)).")
-        group.add_argument("--use-dora", action="store_true", help="Weight-decomposed LoRA (DoRA).")
+        group.add_argument("--lora-variant", choices=("lora", "rslora", "dora"), default="lora",
+                           help="rslora: rank-stabilised scaling (alpha / sqrt(r)); dora: weight-decomposed LoRA.")
+        for variant in ("rslora", "dora"):  # the older spellings --use-rslora, --use-dora
+            group.add_argument(f"--use-{variant}", dest="lora_variant", action="store_const", const=variant,
+                               help=argparse.SUPPRESS)
     return group
 
 
@@ -982,7 +987,7 @@ def apply_lora(model, args: argparse.Namespace, task_type: str, modules_to_save:
                         lora_dropout=args.lora_dropout, target_modules=targets,
                         layers_to_transform=list(range(layers - top, layers)) if top else None,
                         modules_to_save=list(modules_to_save) or None,
-                        use_rslora=args.use_rslora, use_dora=args.use_dora)
+                        use_rslora=args.lora_variant == "rslora", use_dora=args.lora_variant == "dora")
     return get_peft_model(model, config), targets
 
 

@@ -44,6 +44,7 @@ def add_training_args(parser: argparse.ArgumentParser, learning_rate: float, fal
                        help="Random seed: initialisation, batch order, dropout (not the validation split).")
     group.add_argument("--early-stopping-patience", type=common.positive_int,
                        help="Stop after this many evaluations without improvement.")
+    common.add_batch_scaling_args(group)
     common.add_resume_arg(group)
     return group
 
@@ -220,9 +221,28 @@ def save_trained(trainer, tokenizer, output_dir: Path, keep_checkpoints: bool) -
         shutil.rmtree(output_dir / common.CHECKPOINT_SUBDIR, ignore_errors=True)
 
 
+def cross_entropy_loss(model, class_weights=None):
+    """The training loss, for the Trainer's compute_loss_func: cross-entropy summed over the labelled
+    examples (tokens, for NER) and divided by their count in the whole optimizer step, which the
+    Trainer passes as num_items_in_batch. With --gradient-accumulation-steps this gives the gradient
+    of one large batch; the models' own loss, a mean per micro-batch, weighs the tokens of short and
+    long NER batches unequally. `class_weights` (one per label) weigh each example's loss while
+    `model` trains; validation losses stay unweighted, comparable between runs."""
+    import torch
+
+    def compute_loss(outputs, labels, num_items_in_batch=None):
+        logits = outputs.logits.float()
+        weight = class_weights.to(logits.device) if class_weights is not None and model.training else None
+        total = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                                  weight=weight, ignore_index=-100, reduction="sum")
+        return total / (num_items_in_batch if num_items_in_batch is not None else (labels != -100).sum())
+
+    return compute_loss
+
+
 def build_classifier_trainer(args: argparse.Namespace, trainer_base, model, fresh_parameters: Sequence[str],
                              tokenizer, train_dataset, eval_dataset, data_collator, compute_metrics, precision: str,
-                             output_dir: Path):
+                             output_dir: Path, class_weights=None):
     """A Trainer for the encoder tasks (sequence and token classification), set up the same way:
     evaluation and a checkpoint every epoch (or every --save-steps steps), the best checkpoint kept
     (neither in a run that evaluates once: evaluates_once()), the JSONL log, graceful Ctrl-C,
@@ -230,7 +250,7 @@ def build_classifier_trainer(args: argparse.Namespace, trainer_base, model, fres
     `trainer_base` (the Trainer, or speedups.trainer_class() of it). Returns the trainer and the interrupt callback (whose `interrupted` tells how training ended)."""
     from transformers import EarlyStoppingCallback, TrainingArguments
 
-    steps_per_epoch = max(1, -(-len(train_dataset) // args.batch_size))
+    steps_per_epoch = max(1, -(-len(train_dataset) // (args.batch_size * args.gradient_accumulation_steps)))
     # load_best_model_at_end needs the evaluations to land on the checkpoints: with --save-steps,
     # evaluate on the same steps (the Trainer also evaluates and saves after the last step).
     once = evaluates_once(args)
@@ -255,25 +275,24 @@ def build_classifier_trainer(args: argparse.Namespace, trainer_base, model, fres
         save_total_limit=args.save_total_limit,
         metric_for_best_model=args.metric_for_best_model,
         greater_is_better=args.metric_for_best_model != "loss",
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        activation_checkpointing=args.gradient_checkpointing,  # transformers' name for gradient checkpointing
         logging_steps=max(1, min(50, steps_per_epoch // 5)),
-        report_to="none",
+        report_to="none",  # --report-to tensorboard: the callback of make_callbacks()
         seed=args.seed,
         dataloader_num_workers=0,
         **common.precision_training_kwargs(precision),
     )
-    log_callback, interrupt_callback = common.make_callbacks(output_dir)
-    callbacks = [log_callback, interrupt_callback]
+    callbacks, interrupt_callback = common.make_callbacks(output_dir, args.report_to)
     if args.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=args.early_stopping_patience))
     trainer_class = make_trainer_class(trainer_base, fresh_parameters, getattr(args, "head_lr_multiplier", 1.0))
     trainer = trainer_class(model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                             data_collator=data_collator, processing_class=tokenizer, compute_metrics=compute_metrics,
-                            callbacks=callbacks)
-    # Classification heads average their loss over the batch themselves and ignore the token count
-    # the Trainer passes to models whose forward takes **kwargs; left on, the Trainer multiplies
-    # their loss by the number of processes under DDP (reported training and validation losses,
-    # and gradients, N times too large).
+                            compute_loss_func=cross_entropy_loss(model, class_weights), callbacks=callbacks)
+    # The loss is cross_entropy_loss(); the models need not see the Trainer's token count.
     trainer.model_accepts_loss_kwargs = False
+    common.batch_scaling(args)
     print(common.describe_checkpoints(output_dir, args.save_steps, args.save_total_limit, once))
     return trainer, interrupt_callback
 
@@ -349,6 +368,11 @@ def lora_head_modules(model, fresh_parameters: Sequence[str]) -> list[str]:
     return sorted(modules)
 
 
+def weights_record(class_weights, label_names: list[str]) -> dict[str, float] | None:
+    """Class weights by label name, for run_config.json and metrics.json (None: unweighted)."""
+    return None if class_weights is None else {name: round(float(w), 4) for name, w in zip(label_names, class_weights)}
+
+
 @dataclass
 class EncoderData:
     """A task's checked data: its splits (the task's own objects), label names and source."""
@@ -371,6 +395,7 @@ class EncoderTask:
     logged_metrics: tuple[str, ...]  # validation metrics in the training log; the first is plotted
     rate: tuple[str, str]  # the throughput the summary prints: metrics key, unit
     load_data: Callable[[argparse.Namespace], EncoderData]
+    class_weights: Callable[[argparse.Namespace, Any, list[str]], Any]  # (args, train split, labels) -> tensor or None
     load_tokenizer: Callable[[ResolvedModel], Any]
     encode: Callable[[Any, EncoderData, argparse.Namespace], dict[str, Any]]  # split -> object with .features
     collator: Callable[[Any], Any]
@@ -411,6 +436,9 @@ def run_encoder_task(args: argparse.Namespace, method: str, task: EncoderTask) -
     model, fresh = load_with_fresh_head(getattr(transformers, task.auto_class), resolved, data.label_names, task.name)
     model, lora = prepare_for_method(model, fresh, args, method, task.peft_task_type)
     collator = task.collator(tokenizer)
+    class_weights = task.class_weights(args, splits["train"], data.label_names)
+    if args.gradient_checkpointing:  # before the speed tricks check themselves, so that the check covers it
+        model.activation_checkpointing_enable()
     # Speed tricks for this model, each checked on a few training examples against the stock computation.
     applied += speedups.for_model(model, collator(splits["train"].features[:4]), precision, task.kind,
                                   not args.no_speedups)
@@ -419,13 +447,14 @@ def run_encoder_task(args: argparse.Namespace, method: str, task: EncoderTask) -
     common.save_run_config(output_dir, args, {"model": resolved.name, "model_path": resolved.path, "method": method,
                                        "task": task.name, "precision": precision, "labels": data.label_names,
                                        "data": data.source, "lora_targets": lora and lora["target_modules"],
+                                       "class_weights": weights_record(class_weights, data.label_names),
                                        "speedups": applied, **data.record})
 
     # 4. Train, then save the best model (or adapter) before anything else can fail.
     trainer, interrupt = build_classifier_trainer(
         args, speedups.trainer_class(transformers.Trainer, applied, precision), model, fresh, tokenizer,
         splits["train"].features, splits["validation"].features, collator,
-        task.compute_metrics(splits["validation"], data.label_names), precision, output_dir)
+        task.compute_metrics(splits["validation"], data.label_names), precision, output_dir, class_weights)
     trained = common.train(trainer, interrupt, resume, output_dir, speedups.for_training(model, applied))
     if trained is None:
         return None
@@ -444,12 +473,14 @@ def run_encoder_task(args: argparse.Namespace, method: str, task: EncoderTask) -
                    **task.counts(splits["train"], args.epochs, train_seconds),
                    "tokens": round(tokens), "tokens_per_s": round(tokens / train_seconds, 1),
                    "steps": result.global_step, "epochs": args.epochs, "final_loss": round(result.training_loss, 4),
+                   **common.batch_scaling(args, announce=False),
+                   "class_weights": weights_record(class_weights, data.label_names),
                    "speedups": applied, "peak_rss_mb": common.peak_rss_mb(),
                    "wall_time_s": round(time.perf_counter() - started, 2)}
     extra = {"labels": data.label_names, **data.record, "saved_size_mb": common.directory_size_mb(output_dir)}
     if lora:
         extra["lora"] = lora
-    metrics = common.build_metrics(task.metrics_task, method, resolved.name, precision, params, train_stats, validation,
+    metrics = reports.build_metrics(task.metrics_task, method, resolved.name, precision, params, train_stats, validation,
                             test, extra)
     common.write_json(output_dir / common.METRICS_FILE, metrics)
     title = "full fine-tuning" if method == "full" else f"LoRA r={args.lora_r}"

@@ -14,7 +14,7 @@
 Data, training, precision and output flags are those of sentiment_finetuning.py (--task
 classification, the default), ner_finetuning.py (--task ner) or text_generation_lora.py (--task
 generation, which that script runs); LoRA adds --lora-r, --lora-alpha, --lora-dropout,
---lora-target-modules, --use-rslora and --use-dora. The modules that the task head adds at load
+--lora-target-modules and --lora-variant. The modules that the task head adds at load
 time (DistilBERT's pre_classifier and classifier, BERT's classifier, RoBERTa's
 classifier.dense/out_proj) are trained and saved in full with the adapter, so a reloaded adapter
 predicts exactly what the trained one did.
@@ -64,7 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser = ner.build_parser(__doc__, learning_rate=2e-3, fallback_learning_rate=2e-3, output_dir="./lora_ner")
     else:
         parser = classification.build_parser(__doc__, learning_rate=1e-3, fallback_learning_rate=1e-3,
-                                             head_lr_multiplier=1.0, output_dir="./lora")
+                                             head_lr_multiplier=None, output_dir="./lora")
     parser.add_argument("--task", choices=tuple(TASKS), default="classification",
                         help="classification: text classification, the data flags of sentiment_finetuning.py; "
                              "ner: token classification, those of ner_finetuning.py; generation: causal language "
@@ -90,10 +90,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                            "split stays the same) and report the mean, the spread and a 95%% interval of the difference.")
     lora.add_argument("--compare-runs", nargs=2, metavar=("FULL_DIR", "LORA_DIR"),
                       help="Build the comparison report from two finished run directories.")
-    lora.add_argument("--full-learning-rate", type=common.positive_float,
-                      help="With --compare: learning rate of the full fine-tuning run (default: that script's "
-                           "default for the model).")
+    if task != "classification":  # accepted, to say in one line that it does not apply
+        parser.add_argument("--class-weights", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if task != "classification" and args.class_weights:
+        parser.error(f"--class-weights applies to --task classification only (one label per text), not --task {task}; "
+                     "drop it")
     if args.seeds and not args.compare:
         parser.error("--seeds needs --compare")
     if args.seeds and len(set(args.seeds)) != len(args.seeds):
@@ -107,7 +109,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not 0 <= args.lora_dropout < 1:
         parser.error("--lora-dropout must be in [0, 1)")
     if args.adapter and not (args.predict or args.predict_file):
-        parser.error("--adapter needs --predict or --predict-file")
+        parser.error("--adapter needs --predict TEXT (or --predict @FILE)")
     return args
 
 
@@ -238,9 +240,9 @@ def merge_adapter(adapter_dir: Path) -> Path:
 
 def data_flags(argv: list[str]) -> list[str]:
     """The command line minus the flags that only concern this script's own mode, the method or the seed."""
-    own = {"--compare": 0, "--compare-runs": 2, "--output-dir": 1, "--full-learning-rate": 1, "--merge-adapter": 0,
+    own = {"--compare": 0, "--compare-runs": 2, "--output-dir": 1, "--merge-adapter": 0,
            "--task": 1, "--lora-r": 1, "--lora-alpha": 1, "--lora-dropout": 1, "--use-rslora": 0,
-           "--use-dora": 0, "--learning-rate": 1, "--seed": 1, "--full": 0, "--lora-layers": 1}
+           "--use-dora": 0, "--lora-variant": 1, "--learning-rate": 1, "--seed": 1, "--full": 0, "--lora-layers": 1}
     kept = []
     i = 0
     while i < len(argv):
@@ -269,10 +271,8 @@ def method_commands(args: argparse.Namespace, shared: list[str]) -> dict[str, li
         full = [str(here / ("ner_finetuning.py" if args.task == "ner" else "sentiment_finetuning.py")), *shared]
         lora = [str(here / "lora_finetuning.py"), "--task", args.task, *shared, *lora_flags,
                 "--lora-dropout", str(args.lora_dropout)]
-        lora += [flag for flag, on in (("--use-rslora", args.use_rslora), ("--use-dora", args.use_dora)) if on]
+        lora += ["--lora-variant", args.lora_variant]
         lora += ["--lora-layers", str(args.lora_layers)] if args.lora_layers else []
-    if args.full_learning_rate:
-        full += ["--learning-rate", str(args.full_learning_rate)]
     if args.learning_rate:
         lora += ["--learning-rate", str(args.learning_rate)]
     if args.lora_target_modules:
@@ -578,8 +578,8 @@ def comparison_markdown(c: dict, full: list[dict], lora: list[dict], split: str,
     if full[0].get("samples") and lora[0].get("samples"):
         lines += ["", f"## Samples (seed {c['seeds'][0]})", "", "| prompt | base model | full fine-tuning | LoRA |",
                   "|---|---|---|---|"]
-        lines += ["| " + " | ".join(_cell(text) for text in (base["prompt"], base["before"][0], base["after"][0],
-                                                               tuned["after"][0])) + " |"
+        lines += ["| " + " | ".join(_cell(text) for text in (base["prompt"], base["before"], base["after"],
+                                                               tuned["after"])) + " |"
                   for base, tuned in zip(full[0]["samples"], lora[0]["samples"])]
     lines += ["", "## How the verdict is reached", "",
               f"Each seed trains both methods: the seed sets the initialisation, the batch order and dropout, while the "

@@ -97,7 +97,7 @@ def build_parser(description: str = __doc__, learning_rate: float = 5e-5, fallba
     predict.add_argument("--predict", action="append", metavar="TEXT",
                          help="Print the entities found in this text (type, character span "
                               "[start, end), score, text) and exit (repeatable).")
-    predict.add_argument("--predict-file", help="Tag every non-empty line of this text file and exit.")
+    predict.add_argument("--predict-file", help=argparse.SUPPRESS)  # the older spelling of --predict @FILE
     return parser
 
 
@@ -749,13 +749,10 @@ def predict_entities(model, tokenizer, texts: Sequence[str], max_length: int, ba
 
 
 def read_predict_texts(args: argparse.Namespace) -> list[str]:
-    texts = list(args.predict or [])
-    if args.predict_file:
-        file = common.check_input_file(args.predict_file, "--predict-file", (".txt", ".text"))
-        texts += [line.rstrip() for line in common.read_text_file(file, "--predict-file").splitlines() if line.strip()]
-    texts = [text for text in texts if text.strip()]
+    texts = common.read_texts((args.predict or []) + ([f"@{args.predict_file}"] if args.predict_file else []),
+                              "--predict", (".txt", ".text"))
     if not texts:
-        raise UserError("nothing to tag: --predict was empty and --predict-file had no lines.")
+        raise UserError("nothing to tag: --predict was empty (or its @FILE had no lines).")
     return texts
 
 
@@ -805,10 +802,10 @@ def report(metrics: dict[str, Any], output_dir: Path) -> None:
             m = metrics[split]
             rows.append([split, m["examples"], m["precision"], m["recall"], m["f1"], m["accuracy"]])
     print()
-    print(common.format_table(rows, ["split", "sentences", "precision", "recall", "entity f1", "token accuracy"]))
+    print(reports.format_table(rows, ["split", "sentences", "precision", "recall", "entity f1", "token accuracy"]))
     last_split = "test" if "test" in metrics else "validation"
     print(f"\n{last_split}, per entity type:")
-    print(common.format_table(
+    print(reports.format_table(
         [[kind, v["precision"], v["recall"], v["f1"], v["support"]] for kind, v in metrics[last_split]["per_type"].items()],
         ["type", "precision", "recall", "f1", "support"]))
     print(f"\nsaved to {output_dir}: model, model card (README.md), metrics.json, run_config.json, training log, "
@@ -855,7 +852,8 @@ TASK = encoders.EncoderTask(
     name="ner", metrics_task="token-classification", kind="token-classification",
     peft_task_type="TOKEN_CLS", auto_class="AutoModelForTokenClassification",
     logged_metrics=("f1", "precision", "recall", "accuracy"), rate=("sentences_per_s", "sentences"),
-    load_data=load_data, load_tokenizer=load_word_tokenizer, encode=encode_splits,
+    load_data=load_data, class_weights=lambda args, train, labels: None, load_tokenizer=load_word_tokenizer,
+    encode=encode_splits,
     collator=data_collator, compute_metrics=trainer_metrics, evaluate=evaluate, counts=counts,
     plot_results=reports.plot_entity_f1, report=report)
 

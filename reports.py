@@ -1,9 +1,13 @@
-"""What a run writes for people to read, beside its weights: the model card (README.md in the
-output directory, in the Hugging Face format that the hub and huggingface_hub.ModelCard read) and
-the charts of its results. Every script calls these after writing metrics.json."""
+"""What a run writes for people to read, beside its weights: metrics.json's record (build_metrics:
+the schema every script shares, with the machine and library versions), the model card (README.md
+in the output directory, in the Hugging Face format that the hub and huggingface_hub.ModelCard
+read), the charts of its results and the tables the scripts print."""
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import platform
 import shlex
 from pathlib import Path
 from typing import Any, Iterable
@@ -23,10 +27,63 @@ TASKS = {
                              (("f1", "f1", "entity F1"), ("precision", "precision", "entity precision"),
                               ("recall", "recall", "entity recall"), ("accuracy", "accuracy", "token accuracy"))),
     "text-generation": ("text-generation", "text generation (causal language modelling)",
-                        (("perplexity", "perplexity", "perplexity"),)),
+                        (("perplexity", "perplexity", "perplexity"), ("exact_match", "exact_match", "exact match"),
+                         ("rouge", "rougeL", "ROUGE-L"))),
 }
 AUTO_CLASSES = {"text-classification": "SequenceClassification", "token-classification": "TokenClassification",
                 "text-generation": "CausalLM"}
+
+
+def build_metrics(task: str, method: str, model_name: str, precision: str, params: dict[str, int],
+                  train: dict[str, Any], validation: dict[str, Any], test: dict[str, Any] | None,
+                  extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The metrics.json schema shared by every script."""
+    metrics = {"task": task, "method": method, "model": model_name, "precision": precision,
+               "params": params, "train": train, "validation": validation}
+    if test is not None:
+        metrics["test"] = test
+    metrics.update(extra or {})
+    metrics.update(environment_info())
+    return metrics
+
+
+def environment_info() -> dict[str, Any]:
+    import accelerate
+    import datasets
+    import torch
+    import transformers
+
+    versions = {"python": platform.python_version(), "torch": torch.__version__,
+                "transformers": transformers.__version__, "datasets": datasets.__version__,
+                "accelerate": accelerate.__version__}
+    for optional in ("peft", "sklearn", "seqeval"):
+        if importlib.util.find_spec(optional):
+            module = __import__(optional)
+            versions[optional] = getattr(module, "__version__", "unknown")
+    hardware = {"platform": platform.platform(), "processor": cpu_name(),
+                "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                "cpu_bf16": common.cpu_supports_bf16(),
+                "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    return {"versions": versions, "hardware": hardware}
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def format_table(rows: list[list[Any]], header: list[str]) -> str:
+    """A plain fixed-width text table."""
+    cells = [header] + [[f"{c:.4f}" if isinstance(c, float) else str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) for row in cells]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(lines)
 
 
 def base_model_id(model_name: str) -> str:
@@ -72,6 +129,8 @@ def write_model_card(output_dir: Path, metrics: dict[str, Any], run_config: dict
              for split in splits for _, key, name in scores if key in metrics[split]]
     if task == "text-generation":
         body.append(f"| validation | perplexity before training | {metrics['perplexity_before']:.4f} |")
+        body += [f"| validation | {name} before training | {metrics['validation'][key + '_before']:.4f} |"
+                 for key, name in (("exact_match", "exact match"), ("rougeL", "ROUGE-L")) if key in metrics["validation"]]
         if "unrelated" in metrics:
             body += [f"| unrelated text | perplexity before training | {metrics['unrelated']['perplexity_before']:.4f} |",
                      f"| unrelated text | perplexity | {metrics['unrelated']['perplexity']:.4f} |"]
@@ -100,7 +159,11 @@ def _method_phrase(metrics: dict[str, Any], run_config: dict[str, Any]) -> str:
 def _data_lines(metrics: dict[str, Any], run_config: dict[str, Any]) -> list[str]:
     lines = [f"- Source: {run_config.get('data')}"]
     train = metrics["train"]
-    if metrics["task"] == "text-generation":
+    if "records" in train:
+        lines.append(f"- Instruction records: {train['records']} for training, formatted with {run_config.get('prompt_format')}; "
+                     f"the loss covered {'prompts and responses' if run_config['args'].get('train_on_prompts') else 'the responses'}; "
+                     f"validation: {metrics['validation']['tokens']:,} response tokens")
+    elif metrics["task"] == "text-generation":
         lines.append(f"- Training: {train['blocks']} blocks of {train['block_size']} tokens; validation: "
                      f"{metrics['validation']['tokens']:,} tokens")
     else:
@@ -116,7 +179,11 @@ def _hyperparameters(metrics: dict[str, Any], run_config: dict[str, Any], args: 
     rows = [("method", "LoRA" if metrics["method"] == "lora" else "full fine-tuning"),
             ("learning rate", f"{args.get('learning_rate'):g}" if args.get("learning_rate") else "?"),
             ("epochs", args.get("epochs")), ("optimizer steps", metrics["train"].get("steps")),
-            ("batch size", args.get("batch_size")), ("weight decay", args.get("weight_decay")),
+            ("batch size", args.get("batch_size")),
+            ("gradient accumulation steps", args.get("gradient_accumulation_steps")),
+            ("effective batch size", metrics["train"].get("effective_batch_size")),
+            ("gradient checkpointing", args.get("gradient_checkpointing")),
+            ("class weights", metrics["train"].get("class_weights")), ("weight decay", args.get("weight_decay")),
             ("warm-up ratio", args.get("warmup_ratio")), ("seed", args.get("seed")),
             ("precision", metrics["precision"]),
             ("trainable parameters", f"{metrics['params']['trainable']:,} of {metrics['params']['total']:,}")]
@@ -159,8 +226,8 @@ def _usage_lines(output_dir: Path, metrics: dict[str, Any], run_config: dict[str
 
 
 def _limitations(metrics: dict[str, Any]) -> list[str]:
-    size = metrics["train"].get("examples") or metrics["train"].get("blocks")
-    return [f"- Trained on {size:,} {'blocks' if metrics['task'] == 'text-generation' else 'examples'} from one "
+    unit = next(key for key in ("examples", "records", "blocks") if key in metrics["train"])
+    return [f"- Trained on {metrics['train'][unit]:,} {unit} from one "
             "source: it knows that data's domain, language and labelling conventions, and nothing outside "
             "them has been measured. Check it on your own data before relying on it.",
             "- Scores come from one run with one seed; on small data another seed can move them by a point or "

@@ -34,8 +34,9 @@ LABEL_COLUMNS = ("label", "labels", "sentiment", "class", "target", "category", 
 
 
 def build_parser(description: str = __doc__, learning_rate: float = 2e-5, fallback_learning_rate: float = 1e-4,
-                 head_lr_multiplier: float = 30.0, output_dir: str = "./results") -> argparse.ArgumentParser:
-    """The classification flags; lora_finetuning.py builds on the same parser."""
+                 head_lr_multiplier: float | None = 30.0, output_dir: str = "./results") -> argparse.ArgumentParser:
+    """The classification flags; lora_finetuning.py builds on the same parser (without
+    --head-lr-multiplier when `head_lr_multiplier` is None: the head learns at the run's rate)."""
     parser = common.ArgumentParser(description=description, formatter_class=common.HelpFormatter)
     common.add_model_args(parser, DEFAULT_MODEL)
     common.add_data_args(parser)
@@ -43,18 +44,24 @@ def build_parser(description: str = __doc__, learning_rate: float = 2e-5, fallba
     columns.add_argument("--text-column", help=f"Column with the text (auto: one of {', '.join(TEXT_COLUMNS[:5])}, ...).")
     columns.add_argument("--label-column", help=f"Column with the label (auto: one of {', '.join(LABEL_COLUMNS[:5])}, ...).")
     training = encoders.add_training_args(parser, learning_rate=learning_rate, fallback_learning_rate=fallback_learning_rate)
-    training.add_argument("--head-lr-multiplier", type=common.positive_float, default=head_lr_multiplier,
-                          help="Learning-rate multiplier for the freshly initialised classification head "
-                               "(parameters missing from the pretrained checkpoint).")
+    if head_lr_multiplier is None:
+        parser.set_defaults(head_lr_multiplier=1.0)
+    else:
+        training.add_argument("--head-lr-multiplier", type=common.positive_float, default=head_lr_multiplier,
+                              help="Learning-rate multiplier for the freshly initialised classification head "
+                                   "(parameters missing from the pretrained checkpoint).")
     training.add_argument(
         "--metric-for-best-model", choices=("accuracy", "f1_macro", "loss"), default="accuracy",
         help="Validation metric that picks the checkpoint kept at the end.")
+    training.add_argument("--class-weights", choices=("none", "balanced"), default="none",
+                          help="balanced: weigh each class's loss by n_examples / (n_classes x its count), so rare "
+                               "classes count as much as common ones (for imbalanced data, with --metric-for-best-model f1_macro).")
     common.add_precision_args(parser)
     common.add_output_args(parser, output_dir)
     predict = parser.add_argument_group("prediction (uses the model saved in --output-dir)")
     predict.add_argument("--predict", action="append", metavar="TEXT",
-                         help="Classify this text and exit (repeatable).")
-    predict.add_argument("--predict-file", help="Classify every non-empty line of this text file and exit.")
+                         help="Classify this text and exit (repeatable; @FILE: every non-empty line of the file).")
+    predict.add_argument("--predict-file", help=argparse.SUPPRESS)  # the older spelling of --predict @FILE
     return parser
 
 
@@ -292,6 +299,23 @@ def evaluate(trainer, split: Encoded, label_names: list[str]) -> dict[str, Any]:
     return metrics
 
 
+def class_weights(args: argparse.Namespace, train: Encoded, label_names: list[str]):
+    """--class-weights balanced: scikit-learn's balanced weights from the training labels (a label
+    absent from the training split keeps weight 1), as a tensor; else None."""
+    if args.class_weights == "none":
+        return None
+    import numpy
+    import torch
+    from sklearn.utils.class_weight import compute_class_weight
+
+    labels = numpy.array([feature["labels"] for feature in train.features])
+    present = numpy.unique(labels)
+    weights = numpy.ones(len(label_names))
+    weights[present] = compute_class_weight("balanced", classes=present, y=labels)
+    print("class weights: " + ", ".join(f"{name} {w:.3f}" for name, w in zip(label_names, weights)))
+    return torch.tensor(weights, dtype=torch.float32)
+
+
 def counts(train: Encoded, epochs: float, seconds: float) -> dict[str, Any]:
     return {"examples": len(train.features), "samples_per_s": round(len(train.features) * epochs / seconds, 2)}
 
@@ -302,12 +326,10 @@ def counts(train: Encoded, epochs: float, seconds: float) -> dict[str, Any]:
 
 
 def read_predict_texts(args: argparse.Namespace) -> list[str]:
-    texts = list(args.predict or [])
-    if args.predict_file:
-        file = common.check_input_file(args.predict_file, "--predict-file", (".txt", ".text", ".csv", ".tsv"))
-        texts += [line.strip() for line in common.read_text_file(file, "--predict-file").splitlines() if line.strip()]
+    texts = common.read_texts((args.predict or []) + ([f"@{args.predict_file}"] if args.predict_file else []),
+                              "--predict", (".txt", ".text", ".csv", ".tsv"))
     if not texts:
-        raise UserError("nothing to classify: --predict was empty and --predict-file had no lines.")
+        raise UserError("nothing to classify: --predict was empty (or its @FILE had no lines).")
     return texts
 
 
@@ -353,10 +375,10 @@ def report(metrics: dict[str, Any], output_dir: Path) -> None:
         if split in metrics:
             rows.append([split, metrics[split]["examples"], metrics[split]["accuracy"], metrics[split]["f1_macro"]])
     print()
-    print(common.format_table(rows, ["split", "examples", "accuracy", "f1_macro"]))
+    print(reports.format_table(rows, ["split", "examples", "accuracy", "f1_macro"]))
     last = metrics.get("test", metrics["validation"])
     print()
-    print(common.format_table(
+    print(reports.format_table(
         [[name, v["precision"], v["recall"], v["f1"], v["support"]] for name, v in last["per_class"].items()],
         ["class", "precision", "recall", "f1", "support"]))
     print(f"\nsaved to {output_dir}: model, model card (README.md), metrics.json, run_config.json, training log, "
@@ -373,7 +395,8 @@ TASK = encoders.EncoderTask(
     name="classification", metrics_task="text-classification", kind="sequence-classification",
     peft_task_type="SEQ_CLS", auto_class="AutoModelForSequenceClassification",
     logged_metrics=("accuracy", "f1_macro"), rate=("samples_per_s", "samples"),
-    load_data=load_data, load_tokenizer=common.load_tokenizer, encode=encode_splits, collator=data_collator,
+    load_data=load_data, class_weights=class_weights, load_tokenizer=common.load_tokenizer, encode=encode_splits,
+    collator=data_collator,
     compute_metrics=trainer_metrics, evaluate=evaluate, counts=counts,
     plot_results=reports.plot_confusion_matrix, report=report)
 

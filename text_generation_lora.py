@@ -1,14 +1,18 @@
 #!/usr/bin/env python
-"""Causal language-model fine-tuning with LoRA (GPT-2 by default): perplexity before and after,
-and samples from the base and the fine-tuned model side by side.
+"""Causal language-model fine-tuning with LoRA (GPT-2 by default), on plain text or on
+instruction data (prompt/response pairs): perplexity before and after, and the base and the
+fine-tuned model's answers side by side.
 
     python text_generation_lora.py                                   # embedded recipe corpus
     python text_generation_lora.py --model-name gpt2 --train-file corpus.txt --epochs 3 --output-dir ./gen
+    python text_generation_lora.py --train-file data/instructions/train.jsonl --output-dir ./chef
     python text_generation_lora.py --output-dir ./gen --prompt "Once upon a time" --max-new-tokens 80
 
-Steps: read the text -> tokenize, join documents with EOS and cut into blocks -> load the model
-and add LoRA adapters (or --full) -> perplexity and samples before -> train -> perplexity and
-samples after -> save the adapter (and optionally a merged model), metrics and logs -> report.
+Steps: read the data -> tokenize (plain text: join documents with EOS and cut into blocks;
+instruction records: format each with the chat template, loss on the response only) -> load the
+model and add LoRA adapters (or --full) -> perplexity and samples before -> train -> perplexity
+and samples after (instruction data: answers to the validation prompts, scored by exact match and
+ROUGE-L) -> save the adapter (and optionally a merged model), metrics and logs -> report.
 Offline, the bundled SmolLM2-135M replaces an unreachable hub model.
 """
 
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import random
 import time
 from pathlib import Path
 from typing import Any
@@ -32,6 +37,10 @@ DEFAULT_PROMPTS = common.DATA_DIR / "text" / "prompts.txt"
 TEXT_EXTENSIONS = (".txt", ".text", ".md")
 CORPUS_EXTENSIONS = TEXT_EXTENSIONS + common.TABLE_EXTENSIONS
 TEXT_COLUMNS = ("text", "content", "document", "body", "story", "passage")
+# Instruction records take one of these shapes; the plain template formats them for models without a chat template.
+RECORD_SHAPES = "'prompt' and 'response', 'instruction' (and 'input') and 'output', or a 'messages' list"
+PLAIN_TEMPLATE = "### Instruction:\n{prompt}\n\n### Response:\n"
+SCORED_PROMPTS = 50  # validation prompts answered and scored before and after training, unless --max-eval-samples
 SAMPLES_FILE = "samples.md"
 MERGED_SUBDIR = "merged"
 
@@ -43,18 +52,21 @@ def build_parser(description: str = __doc__, output_dir: str = "./gen") -> argpa
     data = parser.add_argument_group("data")
     data.add_argument("--train-file", nargs="+", metavar="PATH",
                       help="Training text: .txt files or folders of them (one document per file), or "
-                           ".csv/.tsv/.json/.jsonl with a text column (one document per row). "
-                           "Default: the embedded recipe corpus under data/text/.")
+                           ".csv/.tsv/.json/.jsonl with a text column (one document per row), or instruction "
+                           f"records with {RECORD_SHAPES}. Default: the embedded recipe corpus under data/text/.")
     data.add_argument("--validation-file", nargs="+", metavar="PATH", help="Validation text, same formats.")
     common.add_dataset_arg(data)
     data.add_argument("--text-column", help="Column holding the text in table files (auto-detected).")
     data.add_argument("--validation-split", type=common.fraction, default=0.1,
-                      help="Share of the training tokens, taken from the end, used for validation when no "
-                           "validation data is given (a split by position, so validation text is unseen).")
+                      help=argparse.SUPPRESS)  # without --validation-file: 10% of the text (the end) or of the records
     data.add_argument("--block-size", type=common.positive_int,
                       help="Tokens per training block (default: 256 on CPU, 1024 on GPU, at most the "
                            "model's context).")
-    data.add_argument("--max-eval-samples", type=common.positive_int, help="Evaluate on at most this many blocks.")
+    data.add_argument("--max-eval-samples", type=common.positive_int,
+                      help=f"Evaluate on at most this many blocks or records (and answer at most this many validation "
+                           f"prompts of instruction data; default {SCORED_PROMPTS}).")
+    data.add_argument("--train-on-prompts", action="store_true",
+                      help="Instruction data: train on the prompt tokens as well (default: the loss covers the responses).")
     data.add_argument("--unrelated-file", metavar="PATH",
                       help="Text unlike the training data (same formats): its perplexity before and after "
                            "training shows what fine-tuning costs the model elsewhere.")
@@ -67,6 +79,7 @@ def build_parser(description: str = __doc__, output_dir: str = "./gen") -> argpa
                           help="Peak learning rate (default: LoRA 1e-3 on attention projections alone, 3e-4 "
                                "when feed-forward projections are adapted too; 5e-5 with --full).")
     training.add_argument("--seed", type=int, default=42, help="Random seed (training order, sampling).")
+    common.add_batch_scaling_args(training)
     common.add_resume_arg(training)
     training.add_argument("--full", action="store_true", help="Full fine-tuning instead of LoRA (for comparison).")
     # No weight decay and no warm-up: both measured worse for LoRA on SmolLM2 (BENCHMARKS.md).
@@ -82,25 +95,23 @@ def build_parser(description: str = __doc__, output_dir: str = "./gen") -> argpa
                              "(loads with AutoModelForCausalLM alone, no peft needed).")
 
     generation = parser.add_argument_group("generation (with --prompt and no training data: use the model in --output-dir)")
-    generation.add_argument("--prompt", action="append", metavar="TEXT", help="A prompt (repeatable).")
-    generation.add_argument("--prompt-file", help="A file with one prompt per line.")
+    generation.add_argument("--prompt", action="append", metavar="TEXT",
+                            help="A prompt (repeatable; a prompt given twice is sampled twice); @FILE reads one per line. "
+                                 "A model trained on instruction data gets its prompt template.")
+    generation.add_argument("--prompt-file", help=argparse.SUPPRESS)  # the older spelling of --prompt @FILE
     generation.add_argument("--max-new-tokens", type=common.positive_int, default=80, help="Tokens to generate per prompt.")
-    sampling = generation.add_mutually_exclusive_group()
-    sampling.add_argument("--greedy", dest="do_sample", action="store_false", default=True,
-                          help="Greedy decoding (default: sampling with --temperature, --top-k and --top-p).")
-    sampling.add_argument("--do-sample", dest="do_sample", action="store_true", help=argparse.SUPPRESS)  # the default
-    generation.add_argument("--temperature", type=common.positive_float, default=0.8, help="Sampling temperature.")
+    generation.add_argument("--temperature", type=common.non_negative_float, default=0.8,
+                            help="Sampling temperature; 0: greedy decoding (the most likely token each time).")
+    generation.add_argument("--greedy", dest="temperature", action="store_const", const=0.0,
+                            help=argparse.SUPPRESS)  # the older spelling of --temperature 0
     generation.add_argument("--top-k", type=int, default=50, help="Sample among the k most likely tokens (0: off).")
     generation.add_argument("--top-p", type=common.positive_float, default=0.95, help="Nucleus sampling threshold.")
-    generation.add_argument("--num-return-sequences", type=common.positive_int, default=1, help="Samples per prompt.")
     return parser
 
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """The checks argparse cannot make."""
     common.settle_dataset_args(parser, args)
-    if not args.do_sample and args.num_return_sequences > 1:
-        parser.error("--greedy gives one sequence per prompt; drop --num-return-sequences or --greedy")
     if args.top_p > 1:
         parser.error("--top-p must be at most 1")
     if args.dataset and args.train_file:
@@ -134,29 +145,83 @@ def expand_paths(paths: list[str], flag: str) -> list[Path]:
     return files
 
 
-def read_documents(paths: list[str], flag: str, text_column: str | None) -> list[str]:
-    documents = []
+def read_documents(paths: list[str], flag: str, text_column: str | None) -> list:
+    """Plain documents (strings), or instruction records (see read_records) when the table files
+    hold prompts and responses."""
+    documents: list = []
     for file in expand_paths(paths, flag):
         if file.suffix.lower() in TEXT_EXTENSIONS:
-            documents.append(common.read_text_file(file, flag))
+            documents.append(common.read_text_file(file, flag).strip())
             continue
         rows = common.read_table(str(file), flag)
-        column = common.detect_column(list(rows[0]), text_column, TEXT_COLUMNS, "text", "--text-column", str(file))
-        documents += [str(row.get(column) or "") for row in rows]
-    documents = [doc.strip() for doc in documents if doc and doc.strip()]
+        records = None if text_column else read_records(rows, f"{flag} {file}")
+        if records is not None:
+            documents += records
+            continue
+        fields = list(rows[0])
+        if not text_column and not {f.lower() for f in fields} & set(TEXT_COLUMNS):
+            raise UserError(f"{flag} {file}: unknown record shape (fields: {', '.join(fields)}); expected a text column "
+                            f"(name it with --text-column) or instruction records with {RECORD_SHAPES}.")
+        column = common.detect_column(fields, text_column, TEXT_COLUMNS, "text", "--text-column", str(file))
+        documents += [str(row.get(column) or "").strip() for row in rows]
+    if len({isinstance(doc, str) for doc in documents}) > 1:
+        raise UserError(f"{flag}: mixes plain text and instruction records; train on one kind at a time.")
+    documents = [doc for doc in documents if doc]
     if not documents:
         raise UserError(f"{flag}: the corpus is empty (no text found).")
     return documents
 
 
-def load_documents(args: argparse.Namespace) -> tuple[list[str], list[str] | None, str]:
-    """Training documents, validation documents (or None) and a description of the source."""
+def read_records(rows: list[dict[str, Any]], source: str) -> list[tuple[list[dict[str, str]], str]] | None:
+    """Instruction records as (the conversation up to the answer, the answer), or None when the rows
+    have none of the record shapes (plain documents). A chat record's answer is its last message,
+    which must be the assistant's; the turns before it are the context the answer follows."""
+    fields = set(rows[0])
+    shape = next((s for s in (("messages",), ("prompt", "response"), ("instruction", "output")) if fields & set(s)), None)
+    if shape is None:
+        return None
+    records = []
+    for number, row in enumerate(rows, start=1):
+        where = f"{source}: record {number}"
+        if shape == ("messages",):
+            messages = row.get("messages")
+            if not (isinstance(messages, list) and len(messages) >= 2 and messages[-1].get("role") == "assistant"
+                    and all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                            for m in messages)):
+                raise UserError(f"{where}: 'messages' must be a list of {{\"role\", \"content\"}} objects that ends "
+                                "with the assistant's answer.")
+            context, answer = [{"role": m["role"], "content": m["content"]} for m in messages[:-1]], messages[-1]["content"]
+        else:
+            missing = [field for field in shape if row.get(field) is None]
+            if missing:
+                raise UserError(f"{where} has no '{missing[0]}' field; every record needs "
+                                f"'{shape[0]}' and '{shape[1]}' (shapes read: {RECORD_SHAPES}).")
+            prompt = str(row[shape[0]]).strip()
+            if shape[0] == "instruction" and str(row.get("input") or "").strip():
+                prompt += "\n\n" + str(row["input"]).strip()
+            if not prompt:
+                raise UserError(f"{where}: the {shape[0]} is empty; fill it in or remove the record.")
+            context, answer = [{"role": "user", "content": prompt}], str(row[shape[1]])
+        if not answer.strip():
+            raise UserError(f"{where}: the response is empty; fill it in or remove the record.")
+        records.append((context, answer.strip()))
+    return records
+
+
+def load_documents(args: argparse.Namespace) -> tuple[list, list | None, str]:
+    """Training data, validation data (or None) and a description of the source: plain documents,
+    or instruction records."""
     if args.dataset:
         hub = common.load_hub_dataset(args.dataset, args.dataset_config)
+        split = next((s for s in ("validation", "valid", "test") if s in hub), None)
+        records = None if args.text_column else read_records(hub["train"].select(range(1)).to_list(), f"--dataset {args.dataset}")
+        if records is not None:
+            train = read_records(hub["train"].to_list(), f"--dataset {args.dataset} train")
+            validation = read_records(hub[split].to_list(), f"--dataset {args.dataset} {split}") if split else None
+            return train, validation, f"hub dataset {args.dataset}"
         column = common.detect_column(hub["train"].column_names, args.text_column, TEXT_COLUMNS, "text",
                                       "--text-column", f"--dataset {args.dataset}")
         train = [t for t in hub["train"][column] if t and t.strip()]
-        split = next((s for s in ("validation", "valid", "test") if s in hub), None)
         validation = [t for t in hub[split][column] if t and t.strip()] if split else None
         return train, validation, f"hub dataset {args.dataset}"
     if args.validation_file and not args.train_file:
@@ -164,8 +229,15 @@ def load_documents(args: argparse.Namespace) -> tuple[list[str], list[str] | Non
     train_paths = args.train_file or [str(DEFAULT_CORPUS)]
     train = read_documents(train_paths, "--train-file", args.text_column)
     validation = read_documents(args.validation_file, "--validation-file", args.text_column) if args.validation_file else None
+    if validation is not None and isinstance(validation[0], str) != isinstance(train[0], str):
+        raise UserError("--train-file and --validation-file hold different kinds of data (plain text and instruction "
+                        "records); give both of one kind.")
     source = ", ".join(train_paths) if args.train_file else f"embedded recipe corpus ({DEFAULT_CORPUS})"
     return train, validation, source
+
+
+def is_instruction_data(documents: list) -> bool:
+    return not isinstance(documents[0], str)
 
 
 def token_stream(tokenizer, documents: list[str]) -> list[int]:
@@ -212,18 +284,87 @@ def build_blocks(args, tokenizer, train_docs, validation_docs, block_size: int) 
     return {"train": train_blocks, "validation": validation_blocks}
 
 
-def collate_blocks(blocks: list[Any], pad_id: int):
-    """Right-pad blocks; padding is masked out of attention and labels (real EOS tokens keep theirs)."""
+# The prompt template of instruction data for tokenizers without a chat template of their own, as a
+# chat template: saved with the tokenizer, it formats prompts the same way wherever the model goes.
+PLAIN_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}### Response:\n{{ message['content'] }}{{ eos_token }}\n\n"
+    "{% else %}### {{ 'Instruction' if message['role'] == 'user' else message['role'] | capitalize }}:\n"
+    "{{ message['content'] }}\n\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}### Response:\n{% endif %}")
+
+
+def format_prompt(tokenizer, messages: list[dict[str, str]]) -> str:
+    """The text an answer to `messages` follows, by the tokenizer's chat template."""
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def encode_records(tokenizer, records: list, max_tokens: int, train_on_prompts: bool) -> tuple[list[dict], int]:
+    """Each record as one example: the formatted prompt, then the answer with the template's end of
+    turn. The labels of the prompt tokens are -100 (no loss) unless `train_on_prompts`. A record
+    longer than `max_tokens` is skipped, never cut; returns the examples and how many were skipped."""
+    examples, skipped = [], 0
+    for context, answer in records:
+        prompt = format_prompt(tokenizer, context)
+        full = tokenizer.apply_chat_template(context + [{"role": "assistant", "content": answer}], tokenize=False)
+        # A template that renders the earlier turns differently once answered: the answer and EOS alone.
+        completion = full[len(prompt):] if full.startswith(prompt) else answer + tokenizer.eos_token
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        answer_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+        if len(prompt_ids) + len(answer_ids) > max_tokens:
+            skipped += 1
+            continue
+        examples.append({"input_ids": prompt_ids + answer_ids, "prompt": prompt, "question": context[-1]["content"],
+                         "reference": answer, "reference_tokens": len(answer_ids),
+                         "labels": (prompt_ids if train_on_prompts else [-100] * len(prompt_ids)) + answer_ids})
+    return examples, skipped
+
+
+def build_examples(args, tokenizer, train_records: list, validation_records: list | None, max_tokens: int) -> dict[str, list]:
+    """Training and validation examples of instruction records; without validation records, 10% of
+    the training records (seeded) are held out."""
+    if validation_records is None:
+        count = max(1, round(len(train_records) * args.validation_split))
+        if len(train_records) - count < 1:
+            raise UserError(f"only {len(train_records)} instruction record(s): too few to hold out a validation set; "
+                            "add records or pass --validation-file.")
+        order = random.Random(common.DATA_SEED).sample(range(len(train_records)), len(train_records))
+        validation_records = [train_records[i] for i in order[:count]]
+        train_records = [train_records[i] for i in order[count:]]
+        print(f"validation: {count} of the training records ({args.validation_split:.0%}, seeded), held out.")
+    examples = {}
+    for split, records in (("train", train_records), ("validation", validation_records)):
+        examples[split], skipped = encode_records(tokenizer, records, max_tokens, args.train_on_prompts and split == "train")
+        if not examples[split]:
+            raise UserError(f"every {split} record is longer than --block-size {max_tokens} tokens once formatted; "
+                            "raise --block-size (up to the model's context) or shorten the records.")
+        if skipped:
+            print(f"note: skipped {skipped} {split} record(s) longer than --block-size {max_tokens} tokens once formatted "
+                  "(records are never cut).")
+    tokens = sum(len(e["input_ids"]) for e in examples["train"])
+    print(f"records: {len(examples['train'])} training ({tokens:,} tokens), {len(examples['validation'])} validation; "
+          f"the loss covers {'prompts and responses' if args.train_on_prompts else 'the responses only'}.")
+    if args.max_eval_samples:
+        examples["validation"] = examples["validation"][:args.max_eval_samples]
+    return examples
+
+
+def collate_blocks(examples: list[Any], pad_id: int):
+    """Right-pad blocks (token lists) or examples ({"input_ids", "labels"}); padding is masked out of
+    attention and labels (real EOS tokens keep theirs)."""
     import torch
 
-    blocks = [b["input_ids"] if isinstance(b, dict) else b for b in blocks]
-    width = max(len(b) for b in blocks)
-    input_ids = torch.full((len(blocks), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(blocks), width), dtype=torch.long)
-    for row, block in enumerate(blocks):
-        input_ids[row, :len(block)] = torch.tensor(block)
-        attention[row, :len(block)] = 1
-    labels = input_ids.masked_fill(attention == 0, -100)
+    examples = [e if isinstance(e, dict) else {"input_ids": e} for e in examples]
+    width = max(len(e["input_ids"]) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(examples), width), dtype=torch.long)
+    labels = torch.full((len(examples), width), -100, dtype=torch.long)
+    for row, example in enumerate(examples):
+        length = len(example["input_ids"])
+        input_ids[row, :length] = torch.tensor(example["input_ids"])
+        attention[row, :length] = 1
+        labels[row, :length] = torch.tensor(example.get("labels", example["input_ids"]))
     return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
 
 
@@ -305,55 +446,71 @@ def perplexity(model, blocks: list[list[int]], batch_size: int, pad_id: int, pre
 
 
 def read_prompts(args: argparse.Namespace, default: bool) -> list[str]:
-    prompts = list(args.prompt or [])
-    if args.prompt_file:
-        file = common.check_input_file(args.prompt_file, "--prompt-file", TEXT_EXTENSIONS)
-        prompts += [line.strip() for line in common.read_text_file(file, "--prompt-file").splitlines() if line.strip()]
+    prompts = common.read_texts((args.prompt or []) + ([f"@{args.prompt_file}"] if args.prompt_file else []),
+                                "--prompt", TEXT_EXTENSIONS)
     if not prompts and default:
         prompts = [line.strip() for line in DEFAULT_PROMPTS.read_text().splitlines() if line.strip()][:3]
     return prompts
 
 
-def generate(model, tokenizer, prompts: list[str], args: argparse.Namespace) -> list[list[str]]:
-    """Continuations for each prompt (num_return_sequences each), batched with left padding."""
+def generate(model, tokenizer, prompts: list[str], args: argparse.Namespace, greedy: bool = False,
+             templated: bool = False, max_new_tokens: int | None = None, batch_size: int = 16) -> list[str]:
+    """A continuation of each prompt (greedy with `greedy` or --temperature 0, else sampled), in
+    batches with left padding. `templated`: the prompts are formatted already (format_prompt), and
+    the tokenizer adds no special tokens of its own."""
     import torch
     from transformers import set_seed
 
-    limit = context_length(model, tokenizer)
+    limit, max_new_tokens = context_length(model, tokenizer), max_new_tokens or args.max_new_tokens
     for prompt in prompts:
-        length = len(tokenizer(prompt)["input_ids"])
-        if length + args.max_new_tokens > limit:
+        length = len(tokenizer(prompt, add_special_tokens=not templated)["input_ids"])
+        if length + max_new_tokens > limit:
             raise UserError(f"the prompt '{prompt[:40]}...' is {length} tokens; with --max-new-tokens "
-                            f"{args.max_new_tokens} that exceeds the model's context of {limit} tokens.")
+                            f"{max_new_tokens} that exceeds the model's context of {limit} tokens.")
     set_seed(args.seed)
-    device = next(model.parameters()).device
-    inputs = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
-    options = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
-                   num_return_sequences=args.num_return_sequences, repetition_penalty=args.repetition_penalty,
+    sample = args.temperature > 0 and not greedy
+    options = dict(max_new_tokens=max_new_tokens, do_sample=sample, repetition_penalty=args.repetition_penalty,
                    pad_token_id=tokenizer.pad_token_id)
-    if args.do_sample:
+    if sample:
         options.update(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    with torch.inference_mode():
-        output = model.generate(**inputs, **options)
+    texts = []
+    for start in range(0, len(prompts), batch_size):
+        inputs = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True,
+                           add_special_tokens=not templated).to(device)
+        with torch.inference_mode():
+            output = model.generate(**inputs, **options)
+        texts += tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
     model.train(was_training)
-    texts = tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-    n = args.num_return_sequences
-    return [texts[i * n:(i + 1) * n] for i in range(len(prompts))]
+    return texts
+
+
+def score_answers(answers: list[str], references: list[str]) -> dict[str, float]:
+    """Exact match (after lower-casing and joining whitespace) and ROUGE-L F1 (rouge-score's, with its
+    own tokenizer: lower-cased words), averaged over the prompts."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"])
+    same = [" ".join(a.lower().split()) == " ".join(r.lower().split()) for a, r in zip(answers, references)]
+    rouge = [scorer.score(r, a)["rougeL"].fmeasure for a, r in zip(answers, references)]
+    return {"exact_match": round(sum(same) / len(same), 4), "rougeL": round(sum(rouge) / len(rouge), 4)}
 
 
 def generate_from_saved(args: argparse.Namespace) -> None:
-    """--prompt without training data: load the model or adapter in --output-dir and generate."""
+    """--prompt without training data: load the model or adapter in --output-dir and generate; a
+    model trained on instruction data answers each prompt formatted as in training."""
     model_dir = Path(args.output_dir)
     prompts = read_prompts(args, default=False)
     if not prompts:
-        raise UserError("no prompt given: pass --prompt TEXT or --prompt-file FILE.")
+        raise UserError("no prompt given: pass --prompt TEXT or --prompt @FILE with one prompt per line.")
     model, tokenizer = load_saved(model_dir, gguf_cache=not args.no_speedups)
     model.to(common.inference_device())
-    for prompt, samples in zip(prompts, generate(model, tokenizer, prompts, args)):
-        for sample in samples:
-            print(f"{prompt}{sample}\n{'-' * 60}")
+    instructed = (common.read_json(model_dir / common.RUN_CONFIG_FILE) or {}).get("data_kind") == "instruction"
+    inputs = [format_prompt(tokenizer, [{"role": "user", "content": p}]) for p in prompts] if instructed else prompts
+    for prompt, text in zip(prompts, generate(model, tokenizer, inputs, args, templated=instructed)):
+        print(f"{prompt}\n{text}" if instructed else f"{prompt}{text}", f"\n{'-' * 60}", sep="")
 
 
 def load_saved(model_dir: Path, gguf_cache: bool = True):
@@ -378,13 +535,18 @@ def load_saved(model_dir: Path, gguf_cache: bool = True):
     return model, prepare_tokenizer(AutoTokenizer.from_pretrained(model_dir, **common.pretrained_kwargs()))
 
 
-def write_samples(path: Path, prompts: list[str], before: list[list[str]], after: list[list[str]], method: str) -> None:
+def write_samples(path: Path, samples: list[dict[str, Any]], method: str) -> None:
+    """samples.md: each prompt with the base and the fine-tuned model's text (and the reference
+    answer of an instruction record)."""
     lines = ["# Samples: base model vs fine-tuned", ""]
-    for prompt, base, tuned in zip(prompts, before, after):
-        lines += [f"## Prompt: `{prompt}`", "", "### Base model", ""]
-        lines += [f"```text\n{prompt}{text}\n```\n" for text in base]
-        lines += [f"### Fine-tuned ({method})", ""]
-        lines += [f"```text\n{prompt}{text}\n```\n" for text in tuned]
+    for sample in samples:
+        answers = "reference" in sample  # an instruction record: answers, not continuations of the prompt
+        lead = "" if answers else sample["prompt"]
+        lines += [f"## Prompt: `{' '.join(sample['prompt'].split())}`", ""]
+        if answers:
+            lines += ["### Reference", "", f"```text\n{sample['reference']}\n```", ""]
+        lines += ["### Base model", "", f"```text\n{lead}{sample['before']}\n```", "",
+                  f"### Fine-tuned ({method})", "", f"```text\n{lead}{sample['after']}\n```", ""]
     path.write_text("\n".join(lines))
 
 
@@ -424,15 +586,18 @@ def build_trainer(args, trainer_base, model, tokenizer, blocks, precision: str, 
         save_strategy="steps" if save_steps else "epoch",
         save_steps=save_steps or 500,  # 500: the Trainer's default, unused with per-epoch saving
         save_total_limit=args.save_total_limit,
-        logging_steps=max(1, min(25, len(blocks["train"]) // max(1, args.batch_size) // 5)),
-        report_to="none",
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        activation_checkpointing=args.gradient_checkpointing,  # transformers' name for gradient checkpointing
+        logging_steps=max(1, min(25, len(blocks["train"]) // (args.batch_size * args.gradient_accumulation_steps) // 5)),
+        report_to="none",  # --report-to tensorboard: the callback of make_callbacks()
         seed=args.seed,
         **common.precision_training_kwargs(precision),
     )
-    log_callback, interrupt_callback = common.make_callbacks(output_dir)
-    trainer = trainer_base(model=model, args=training_args, train_dataset=[{"input_ids": b} for b in blocks["train"]],
-                           data_collator=lambda batch: collate_blocks(batch, tokenizer.pad_token_id),
-                           callbacks=[log_callback, interrupt_callback])
+    callbacks, interrupt_callback = common.make_callbacks(output_dir, args.report_to)
+    trainer = trainer_base(model=model, args=training_args,
+                           train_dataset=[e if isinstance(e, dict) else {"input_ids": e} for e in blocks["train"]],
+                           data_collator=lambda batch: collate_blocks(batch, tokenizer.pad_token_id), callbacks=callbacks)
+    common.batch_scaling(args)
     print(common.describe_checkpoints(output_dir, args.save_steps, args.save_total_limit))
     return trainer, interrupt_callback
 
@@ -447,6 +612,10 @@ def report(metrics: dict[str, Any], output_dir: Path) -> None:
     change = 100 * (metrics["perplexity"] / metrics["perplexity_before"] - 1)
     print(f"perplexity  {metrics['perplexity_before']:.2f} before -> {metrics['perplexity']:.2f} after "
           f"({change:+.1f}%) on {metrics['validation']['tokens']:,} validation tokens")
+    validation = metrics["validation"]
+    if "rougeL" in validation:
+        print(f"answers     {validation['answered']} validation prompts: exact match {validation['exact_match_before']:.3f} "
+              f"-> {validation['exact_match']:.3f}, ROUGE-L {validation['rougeL_before']:.3f} -> {validation['rougeL']:.3f}")
     if "unrelated" in metrics:
         unrelated = metrics["unrelated"]
         print(f"            {unrelated['perplexity_before']:.2f} before -> {unrelated['perplexity']:.2f} after on "
@@ -463,49 +632,71 @@ def run(args: argparse.Namespace) -> int:
     applied = speedups.for_process(not args.no_speedups)  # the engine room's speed tricks (--no-speedups: none)
     method = "full" if args.full else "lora"
 
-    # 1. Read the text.
+    # 1. Read the data: plain text, or instruction records.
     train_docs, validation_docs, source = load_documents(args)
+    instruction = is_instruction_data(train_docs)
     unrelated_docs = read_documents([args.unrelated_file], "--unrelated-file", None) if args.unrelated_file else None
-    print(f"data: {source}: {len(train_docs)} training document(s)"
-          + (f", {len(validation_docs)} validation document(s)" if validation_docs else ""))
+    kind = "instruction record" if instruction else "document"
+    print(f"data: {source}: {len(train_docs)} training {kind}(s)"
+          + (f", {len(validation_docs)} validation {kind}(s)" if validation_docs else ""))
 
-    # 2. Model and tokenizer; blocks.
+    # 2. Model and tokenizer; blocks of text, or one example per record.
     resolved = common.resolve_model(args.model_name, allow_fallback=not args.no_fallback, kind="causal-lm")
     model, tokenizer = load_model_and_tokenizer(args, resolved, seed=args.seed)
     block_size = choose_block_size(args, model, tokenizer)
     print(f"model: {resolved.name}  method: {method}  precision: {precision}")
-    blocks = build_blocks(args, tokenizer, train_docs, validation_docs, block_size)
+    if instruction:
+        prompt_format = "the model's chat template" if tokenizer.chat_template else "the plain template (### Instruction / ### Response)"
+        tokenizer.chat_template = tokenizer.chat_template or PLAIN_CHAT_TEMPLATE  # saved with the tokenizer
+        print(f"prompt format: {prompt_format}")
+        blocks = build_examples(args, tokenizer, train_docs, validation_docs, block_size)
+    else:
+        blocks = build_blocks(args, tokenizer, train_docs, validation_docs, block_size)
     if unrelated_docs:
         blocks["unrelated"] = cut_blocks(token_stream(tokenizer, unrelated_docs), block_size, keep_partial=True)
         blocks["unrelated"] = blocks["unrelated"][:args.max_eval_samples or len(blocks["validation"])]
         if not blocks["unrelated"]:
             raise UserError(f"--unrelated-file {args.unrelated_file}: too short to score (fewer than 2 tokens).")
-    common.check_one_batch(len(blocks["train"]), args.batch_size, f"blocks of {block_size} tokens",
-                           "add text, lower --block-size")
+    common.check_one_batch(len(blocks["train"]), args.batch_size, "records" if instruction else f"blocks of {block_size} tokens",
+                           "add records" if instruction else "add text, lower --block-size")
 
     # 3. LoRA adapters (or full fine-tuning), and the speed tricks for this model, each checked on
-    # two training blocks against the stock computation.
+    # two training examples against the stock computation.
     model, targets = add_adapters(args, model)
     params = common.count_parameters(model)
     print(common.describe_parameters(params))
-    probe = collate_blocks([block[:64] for block in blocks["train"][:2]], tokenizer.pad_token_id)
+    if args.gradient_checkpointing:  # before the tricks check themselves, so that the check covers it
+        model.activation_checkpointing_enable()
+    probe = collate_blocks([e if instruction else e[:64] for e in blocks["train"][:2]], tokenizer.pad_token_id)
     applied += speedups.for_model(model, probe, precision, "causal-lm", not args.no_speedups)
     chunked = "chunked_loss" in applied
 
     # 4. Perplexity and samples before training. LoRA leaves the base weights as they are, so it
     # measures them after training with the adapters switched off, once the adapter is saved; full
-    # fine-tuning changes them and measures now.
-    prompts = read_prompts(args, default=not (args.train_file or args.dataset)) or sample_prompts(tokenizer, validation_docs or train_docs)
+    # fine-tuning changes them and measures now. Instruction data: greedy answers to the validation
+    # prompts, scored against the references.
+    if instruction:
+        scored = blocks["validation"][:args.max_eval_samples or SCORED_PROMPTS]
+        prompts, shown = [e["prompt"] for e in scored], [e["question"] for e in scored]
+        answer_tokens = max(args.max_new_tokens, max(e["reference_tokens"] for e in scored) + 8)
+    else:
+        shown = prompts = read_prompts(args, default=not (args.train_file or args.dataset)) or sample_prompts(tokenizer, validation_docs or train_docs)
+        answer_tokens = args.max_new_tokens
 
-    def measure(when: str) -> tuple[dict[str, float], list[list[str]]]:
+    def measure(when: str) -> tuple[dict[str, Any], list[str]]:
         result = perplexity(model, blocks["validation"], args.eval_batch_size, tokenizer.pad_token_id, precision, chunked)
-        line = f"perplexity {when} training: {result['perplexity']:.2f}"
+        line = f"{when} training: perplexity {result['perplexity']:.2f}" + (" on the responses" if instruction else "")
         if "unrelated" in blocks:
             result["unrelated"] = perplexity(model, blocks["unrelated"], args.eval_batch_size, tokenizer.pad_token_id,
                                              precision, chunked)
             line += f" (unrelated text: {result['unrelated']['perplexity']:.2f})"
+        texts = generate(model, tokenizer, prompts, args, greedy=instruction, templated=instruction,
+                         max_new_tokens=answer_tokens)
+        if instruction:
+            result.update(score_answers(texts, [e["reference"] for e in scored]))
+            line += f"; {len(texts)} validation prompts answered: exact match {result['exact_match']:.3f}, ROUGE-L {result['rougeL']:.3f}"
         print(line)
-        return result, generate(model, tokenizer, prompts, args)
+        return result, texts
 
     if args.full:
         before, samples_before = measure("before")
@@ -514,6 +705,8 @@ def run(args: argparse.Namespace) -> int:
     common.save_run_config(output_dir, args, {"model": resolved.name, "model_path": resolved.path,
                                               "gguf_file": resolved.gguf_file, "precision": precision,
                                               "method": method, "block_size": block_size, "data": source,
+                                              "data_kind": "instruction" if instruction else "text",
+                                              "prompt_format": prompt_format if instruction else None,
                                               "lora_targets": targets, "speedups": applied})
     from transformers import Trainer
 
@@ -531,30 +724,38 @@ def run(args: argparse.Namespace) -> int:
         with model.disable_adapter():
             before, samples_before = measure("before")
     after, samples_after = measure("after")
-    common.save_atomically(output_dir, lambda staging: write_samples(staging / SAMPLES_FILE, prompts, samples_before,
-                                                                     samples_after, method))
+    scores = ("loss", "perplexity", "exact_match", "rougeL") if instruction else ("loss", "perplexity")
+    trainer.log({f"eval_{key}": after[key] for key in scores})  # the training log and TensorBoard get them too
+    samples = [{"prompt": prompt, **({"reference": e["reference"]} if instruction else {}), "before": base, "after": tuned}
+               for prompt, e, base, tuned in zip(shown, scored if instruction else shown, samples_before, samples_after)]
+    common.save_atomically(output_dir, lambda staging: write_samples(staging / SAMPLES_FILE, samples, method))
     if args.merge_adapter and not args.full:
         save_merged(model, tokenizer, output_dir)
     if not common.keeps_checkpoints(args) and common.is_main_process():
         import shutil
 
         shutil.rmtree(output_dir / common.CHECKPOINT_SUBDIR, ignore_errors=True)
-    trained_tokens = result.global_step * args.batch_size * trainer.args.world_size * block_size  # every process trains a batch per step
+    scaling = common.batch_scaling(args, announce=False)
+    examples_trained = result.global_step * scaling["effective_batch_size"]  # every process trains a batch per step
+    mean_tokens = sum(len(e["input_ids"] if instruction else e) for e in blocks["train"]) / len(blocks["train"])
     train_stats = {"runtime_s": round(runtime, 2), "steps": result.global_step,
-                   "samples_per_s": round(trained_tokens / block_size / runtime, 2),
-                   "tokens_per_s": round(trained_tokens / runtime, 1), "blocks": len(blocks["train"]),
-                   "block_size": block_size, "final_loss": round(result.training_loss, 4),
+                   "samples_per_s": round(examples_trained / runtime, 2),
+                   "tokens_per_s": round(examples_trained * mean_tokens / runtime, 1),
+                   ("records" if instruction else "blocks"): len(blocks["train"]),
+                   "block_size": block_size, "final_loss": round(result.training_loss, 4), **scaling,
                    "chunked_loss": chunked, "fast_attention": "cpu_attention" in applied, "speedups": applied,
                    "peak_rss_mb": common.peak_rss_mb(), "wall_time_s": round(time.perf_counter() - started, 2)}
+    validation = {key: after[key] for key in ("loss", "perplexity", "tokens")}
+    if instruction:
+        validation.update({"exact_match_before": before["exact_match"], "exact_match": after["exact_match"],
+                           "rougeL_before": before["rougeL"], "rougeL": after["rougeL"], "answered": len(scored)})
     saved_size_mb = common.directory_size_mb(output_dir)
-    metrics = common.build_metrics(
-        "text-generation", method, resolved.name, precision, params, train_stats,
-        {"loss": after["loss"], "perplexity": after["perplexity"], "tokens": after["tokens"]}, None,
+    metrics = reports.build_metrics(
+        "text-generation", method, resolved.name, precision, params, train_stats, validation, None,
         {"perplexity_before": before["perplexity"], "perplexity": after["perplexity"],
          "eval_loss_before": before["loss"], "eval_loss": after["loss"],
          "adapter_size_mb": saved_size_mb if not args.full else None, "saved_size_mb": saved_size_mb,
-         "samples": [{"prompt": prompt, "before": base, "after": tuned}
-                     for prompt, base, tuned in zip(prompts, samples_before, samples_after)]})
+         "data_kind": "instruction" if instruction else "text", "samples": samples})
     if "unrelated" in blocks:
         metrics["unrelated"] = {"file": args.unrelated_file, "perplexity_before": before["unrelated"]["perplexity"],
                                 "perplexity": after["unrelated"]["perplexity"], "tokens": after["unrelated"]["tokens"]}

@@ -129,7 +129,7 @@ def causal_setup():
     tokenizer = script.prepare_tokenizer(common.load_tokenizer(source))
     model = script.load_causal_lm(source)
     lora = argparse.Namespace(lora_r=8, lora_alpha=16, lora_dropout=0.0, lora_target_modules=None,
-                              use_rslora=False, use_dora=False)
+                              lora_variant="lora")
     with contextlib.redirect_stdout(None):
         model, _ = common.apply_lora(model, lora, "CAUSAL_LM")
     ids = script.token_stream(tokenizer, [causal_text()[:400_000]])
@@ -204,7 +204,7 @@ def measure_training(workload: str, rounds: int, steps: int, precision: str, onl
         model, batches, kind = encoder_setup("ner" if workload == "ner" else "sentiment")
         if workload == "lora":
             lora = argparse.Namespace(lora_r=32, lora_alpha=64, lora_dropout=0.0, lora_target_modules=None,
-                                      use_rslora=False, use_dora=False)
+                                      lora_variant="lora")
             fresh = [name for name, _ in model.named_parameters() if name.startswith("classifier")]
             model, _ = common.apply_lora(model, lora, "SEQ_CLS", encoders.lora_head_modules(model, fresh))
     probe = {key: value[:4] for key, value in batches[0].items()}

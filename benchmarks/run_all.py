@@ -87,6 +87,7 @@ sys.path.insert(0, str(BENCHMARKS))
 import baselines  # noqa: E402
 import common  # noqa: E402
 import flops  # noqa: E402
+import reports  # noqa: E402
 import sentiment_sst2  # noqa: E402  (the held-out sentence split)
 import speedups  # noqa: E402  (where it keeps converted GGUF models)
 
@@ -748,7 +749,7 @@ def main() -> int:
     import torch
     import transformers
 
-    machine = {"processor": common.cpu_name(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    machine = {"processor": reports.cpu_name(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                "cpu_bf16": common.cpu_supports_bf16(),
                "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
                "python": sys.version.split()[0], "torch": torch.__version__, "transformers": transformers.__version__,

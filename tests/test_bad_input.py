@@ -284,7 +284,9 @@ def test_too_few_examples_after_subsampling(guard, tmp_path):
     (("--batch-size", "-1"), ("argument --batch-size", "must be a positive integer, got -1")),
     (("--fp16", "--bf16"), ("argument --bf16: not allowed with argument --fp16",)),
     (("--validation-split", "1.5"), ("argument --validation-split", "between 0 and 1", "got 1.5")),
-], ids=["epochs-0", "batch-size--1", "fp16-bf16", "validation-split-1.5"])
+    (("--gradient-accumulation-steps", "0"), ("argument --gradient-accumulation-steps", "must be a positive integer, got 0")),
+    (("--report-to", "wandb"), ("argument --report-to: invalid choice: 'wandb'",)),
+], ids=["epochs-0", "batch-size--1", "fp16-bf16", "validation-split-1.5", "accumulation-0", "report-to-wandb"])
 def test_impossible_flags(script, args, fragments, tmp_path):
     line = assert_clean_error(run_main(script, *out(tmp_path), *args), *fragments)
     assert line.endswith(f"see {script.split()[0]} --help."), line
@@ -297,7 +299,11 @@ def test_impossible_flags(script, args, fragments, tmp_path):
     (LORA, ("--lora-dropout", "1"), "--lora-dropout must be in [0, 1)"),
     (LORA, ("--lora-r", "0"), "argument --lora-r: must be a positive integer"),
     (LORA, ("--task", "summarise"), "argument --task: invalid choice: 'summarise'"),
-    (LORA, ("--adapter", "some-dir"), "--adapter needs --predict or --predict-file"),
+    (LORA, ("--adapter", "some-dir"), "--adapter needs --predict"),
+    (LORA_NER, ("--class-weights", "balanced"), "--class-weights applies to --task classification only"),
+    ("lora_finetuning.py --task generation", ("--class-weights", "balanced"), "--class-weights applies to --task classification"),
+    (NER, ("--class-weights", "balanced"), "unrecognized arguments: --class-weights"),
+    (SENTIMENT, ("--class-weights", "auto"), "argument --class-weights: invalid choice: 'auto'"),
     (LORA, ("--seeds", "1", "2"), "--seeds needs --compare"),
     (LORA_NER, ("--compare", "--seeds", "1", "1"), "--seeds: each seed once"),
     ("lora_finetuning.py --task generation", ("--compare", "--full"), "--full and --compare"),
@@ -353,7 +359,7 @@ def test_prompt_longer_than_the_context(saved_gpt2):
 def test_bad_prompt_file(name, content, message, saved_gpt2, tmp_path):
     if content is not None:
         (tmp_path / name).write_text(content)
-    result = run_main(GENERATION, "--output-dir", saved_gpt2, "--prompt-file", tmp_path / name)
+    result = run_main(GENERATION, "--output-dir", saved_gpt2, "--prompt", f"@{tmp_path / name}")
     assert_clean_error(result, message)
 
 
@@ -618,3 +624,28 @@ def test_real_process_bad_data(tmp_path):
                         "--train-file", tmp_path / "t.conll")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [assert_clean_error(result, "not valid UTF-8")]
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([{"prompt": "Soup?"}, {"prompt": "Salt?", "response": "Yes."}], "record 1 has no 'response' field"),
+    ([{"instruction": "Soup?", "output": "Salt."}, {"instruction": "Stew?", "output": " "}], "record 2: the response is empty"),
+    ([{"question": "Soup?", "answer": "Salt."}], "unknown record shape (fields: question, answer)"),
+    ([{"messages": [{"role": "user", "content": "Soup?"}]}], "'messages' must be a list"),
+], ids=["missing-response", "empty-response", "unknown-shape", "messages-without-answer"])
+def test_bad_instruction_records(rows, message, guard, tmp_path):
+    records = write_rows(tmp_path / "records.jsonl", rows)
+    assert_clean_error(run_main(GENERATION, *guard, *out(tmp_path), "--train-file", records), message)
+
+
+def test_text_and_instruction_records_do_not_mix(guard, tmp_path):
+    records = write_rows(tmp_path / "records.jsonl", [{"prompt": "Soup?", "response": "Salt."}])
+    result = run_main(GENERATION, *guard, *out(tmp_path), "--train-file", train_file_for(GENERATION, tmp_path),
+                      "--validation-file", records)
+    assert_clean_error(result, "different kinds of data")
+
+
+def test_every_instruction_record_too_long(tiny_gpt2, tmp_path):
+    records = write_rows(tmp_path / "records.jsonl", [{"prompt": "Soup " * 100, "response": "Salt."}] * 4)
+    result = run_main(GENERATION, "--model-name", tiny_gpt2, *out(tmp_path), "--train-file", records,
+                      "--validation-file", records, "--block-size", "64")
+    assert_clean_error(result, "every train record is longer than --block-size 64")

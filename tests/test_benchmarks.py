@@ -56,8 +56,7 @@ def test_matmul_shape_counts_the_per_token_matrix_products(tiny_encoder, lora):
     hidden, inner, layers = 32, 64, 2  # conftest's tiny BERT
     per_layer = 4 * hidden * hidden + 2 * hidden * inner  # query, key, value, output; the two feed-forward matrices
     if lora:
-        args = Namespace(lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_target_modules=None, use_rslora=False,
-                         use_dora=False)
+        args = Namespace(lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_target_modules=None, lora_variant="lora")
         model, _ = common.apply_lora(model, args, "SEQ_CLS", encoders.lora_head_modules(model, fresh))
         adapters = layers * 2 * (4 * hidden + 4 * hidden)  # query and value: A (r x hidden) and B (hidden x r)
         expected = {"matmul_params_trainable": adapters, "matmul_params_frozen": layers * per_layer}

@@ -23,7 +23,7 @@ def tiny_encoders(tmp_path_factory) -> dict[str, Path]:
 
 
 def lora_args(**overrides) -> argparse.Namespace:
-    values = dict(lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_target_modules=None, use_rslora=False, use_dora=False,
+    values = dict(lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_target_modules=None, lora_variant="lora",
                   lora_layers=None)
     values.update(overrides)
     return argparse.Namespace(**values)

@@ -340,7 +340,7 @@ def test_predict_prints_entities_with_character_spans(trained, tmp_path):
     lines = ["  Paris, France", "", "Tim Cook"]
     (tmp_path / "lines.txt").write_text("\n".join(lines) + "\n")
     text = "Angela Merkel met Tim Cook in Paris."
-    result = run_script(SCRIPT, "--output-dir", model_dir, "--predict", text, "--predict-file", tmp_path / "lines.txt")
+    result = run_script(SCRIPT, "--output-dir", model_dir, "--predict", text, "--predict", f"@{tmp_path / 'lines.txt'}")
     assert result.returncode == 0, result.stderr
     blocks, current = {}, None
     for line in result.stdout.splitlines():

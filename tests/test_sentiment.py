@@ -124,7 +124,7 @@ def test_predict_prints_label_names_matching_the_model(trained, tmp_path):
     output_dir, _, _ = trained
     texts = ["what a great film", "the battery died after a day", "service was slow and rude"]
     (tmp_path / "texts.txt").write_text("\n".join(texts[1:]) + "\n\n")
-    result = run_script(SCRIPT, "--output-dir", output_dir, "--predict", texts[0], "--predict-file", tmp_path / "texts.txt")
+    result = run_script(SCRIPT, "--output-dir", output_dir, "--predict", texts[0], "--predict", f"@{tmp_path / 'texts.txt'}")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
     assert len(lines) == 3

@@ -393,7 +393,7 @@ def test_chunked_loss_equals_the_models_loss_and_gradients(tiny_gpt2, architectu
     model = AutoModelForCausalLM.from_pretrained(tiny_gpt2) if architecture == "gpt2" else tiny_llama(400)
     if method == "lora":
         lora = argparse.Namespace(lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_target_modules=None,
-                                  use_rslora=False, use_dora=False)
+                                  lora_variant="lora")
         model, _ = common.apply_lora(model, lora, "CAUSAL_LM")
         for name, parameter in model.named_parameters():
             if "lora_B" in name:
@@ -448,7 +448,7 @@ def test_lora_without_input_casting_is_exact_under_autocast():
     import speedups
 
     lora = argparse.Namespace(lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_target_modules=["all-linear"],
-                              use_rslora=False, use_dora=False)
+                              lora_variant="lora")
     model, _ = common.apply_lora(tiny_llama(400), lora, "CAUSAL_LM")
     for name, parameter in model.named_parameters():
         if "lora_B" in name:

@@ -142,8 +142,8 @@ def test_before_figures_are_the_base_models(method, trained, tiny_gpt2, tmp_path
     base_sections = [section.split("### Fine-tuned")[0] for section in samples.split("## Prompt: ")[1:]]
     expected_samples = script.generate(base, tokenizer, prompts, args)
     assert len(base_sections) == len(prompts) == len(expected_samples)
-    for prompt, texts, section in zip(prompts, expected_samples, base_sections):
-        assert all(f"```text\n{prompt}{text}\n```" in section for text in texts)
+    for prompt, text, section in zip(prompts, expected_samples, base_sections):
+        assert f"```text\n{prompt}{text}\n```" in section
 
 
 # ---- architectures ------------------------------------------------------------------------------
@@ -215,7 +215,7 @@ def test_lora_save_reload_identical_logits(tiny_gpt2, tmp_path):
     import common
 
     args = argparse.Namespace(lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_target_modules=None,
-                              use_rslora=False, use_dora=False)
+                              lora_variant="lora")
     model, targets = common.apply_lora(AutoModelForCausalLM.from_pretrained(tiny_gpt2), args, "CAUSAL_LM")
     assert targets == ["c_attn"]
     with torch.no_grad():
@@ -234,7 +234,7 @@ def test_lora_save_reload_identical_logits(tiny_gpt2, tmp_path):
 
 def test_greedy_generation_is_deterministic_and_loads_adapter_or_merged(trained):
     output_dir, _, _ = trained
-    runs = [run_script(SCRIPT, "--output-dir", directory, "--prompt", "Recipe: Fig Tart", "--greedy",
+    runs = [run_script(SCRIPT, "--output-dir", directory, "--prompt", "Recipe: Fig Tart", "--temperature", "0",
                        "--max-new-tokens", "12") for directory in (output_dir, output_dir, output_dir / "merged")]
     for run in runs:
         assert run.returncode == 0, run.stderr
@@ -242,39 +242,39 @@ def test_greedy_generation_is_deterministic_and_loads_adapter_or_merged(trained)
     assert runs[0].stdout == runs[1].stdout == runs[2].stdout
 
 
-def test_sampling_flags_and_return_sequences(trained, tmp_path):
+def test_sampling_with_prompts_from_a_file(trained, tmp_path):
     output_dir, _, _ = trained
     (tmp_path / "prompts.txt").write_text("Recipe: Pear Cake\n\nRecipe: Leek Soup\n")
-    args = ("--output-dir", output_dir, "--prompt-file", tmp_path / "prompts.txt", "--num-return-sequences", "2",
+    args = ("--output-dir", output_dir, "--prompt", f"@{tmp_path / 'prompts.txt'}", "--prompt", "Recipe: Pear Cake",
             "--temperature", "1.3", "--top-k", "20", "--top-p", "0.9", "--seed", "7", "--max-new-tokens", "10")
     first, second = run_script(SCRIPT, *args), run_script(SCRIPT, *args)
     other_seed = run_script(SCRIPT, *args[:-4], "--seed", "8", *args[-2:])
     assert first.returncode == 0, first.stderr
     assert first.stdout == second.stdout, "the same seed gives the same samples"
     assert other_seed.returncode == 0 and other_seed.stdout != first.stdout, "another seed gives other samples"
-    assert first.stdout.count("Recipe: Pear Cake") == 2 and first.stdout.count("Recipe: Leek Soup") == 2
+    assert first.stdout.count("Recipe: Pear Cake") == 2 and first.stdout.count("Recipe: Leek Soup") == 1
 
 
 @pytest.mark.parametrize("greedy", [False, True])
 def test_sampling_flags_reach_generate(greedy, trained, monkeypatch):
-    """--temperature, --top-k, --top-p, --repetition-penalty and --num-return-sequences are what
-    model.generate() receives (sampling), and greedy decoding passes none of the sampling ones."""
+    """--temperature, --top-k, --top-p and --repetition-penalty are what model.generate() receives
+    (sampling), and greedy decoding (--temperature 0) passes none of the sampling ones."""
     import text_generation_lora as script
 
     output_dir, _, _ = trained
     argv = ["--output-dir", str(output_dir), "--temperature", "1.7", "--top-k", "13", "--top-p", "0.61",
-            "--max-new-tokens", "5", "--prompt", "Soup"] + (["--greedy"] if greedy else ["--num-return-sequences", "3"])
+            "--max-new-tokens", "5", "--prompt", "Soup"] + (["--temperature", "0"] if greedy else [])
     monkeypatch.setattr("sys.argv", ["text_generation_lora.py", *argv])
     args = script.parse_args(argv)
     model, tokenizer = script.load_saved(output_dir)
     seen = []
     original = model.generate
     monkeypatch.setattr(model, "generate", lambda **kwargs: seen.append(kwargs) or original(**kwargs))
-    samples = script.generate(model, tokenizer, ["Soup"], args)
-    sequences = 1 if greedy else 3
-    assert len(samples) == 1 and len(samples[0]) == sequences
+    samples = script.generate(model, tokenizer, ["Soup", "Soup"], args)
+    assert len(samples) == 2 and all(isinstance(sample, str) for sample in samples)
+    assert (samples[0] == samples[1]) is greedy, "two samples of one prompt differ unless decoding is greedy"
     options = seen[0]
-    assert options["max_new_tokens"] == 5 and options["num_return_sequences"] == sequences
+    assert options["max_new_tokens"] == 5
     assert options["repetition_penalty"] == 1.1 and options["do_sample"] is not greedy
     if greedy:
         assert not {"temperature", "top_k", "top_p"} & set(options)
