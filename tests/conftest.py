@@ -6,12 +6,16 @@ trained on the project's sample data), so the suite runs offline in a few minute
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import importlib
 import importlib.util
+import io
 import json
 import os
 import subprocess
 import sys
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +49,35 @@ class Result:
 def run_script(script: str, *args: str, cwd: Path | None = None, timeout: int = 300) -> Result:
     """Run one of the project's scripts in a fresh process, offline."""
     return run_command([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd, timeout=timeout)
+
+
+def run_main(script: str, *args) -> Result:
+    """Run `python script ARGS` in this process: exit code, stdout and stderr as a subprocess gives
+    them. The --output-dir is compared before and after: `result.output_changed` says whether the
+    failed run changed anything in it (a new, empty directory is no change)."""
+    import common
+
+    file, *first = script.split()
+    module = importlib.import_module(file.removesuffix(".py"))
+    args = [*first, *map(str, args)]
+    output_dir = Path(args[args.index("--output-dir") + 1]) if "--output-dir" in args else None
+    before = snapshot(output_dir) if output_dir else {}
+    stdout, stderr = io.StringIO(), io.StringIO()
+    saved_argv, sys.argv = sys.argv, [str(ROOT / file), *args]
+    code = 0
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            try:
+                common.run_cli(module.main)
+            except SystemExit as exit_:
+                code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+            except BaseException:  # what the interpreter would print for an uncaught exception
+                traceback.print_exc()
+                code = 1
+    finally:
+        sys.argv = saved_argv
+    changed = output_dir is not None and snapshot(output_dir) != before
+    return Result(code, stdout.getvalue(), stderr.getvalue(), output_changed=changed)
 
 
 def run_command(command: list, cwd: Path | None = None, timeout: int = 300) -> Result:

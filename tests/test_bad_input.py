@@ -9,18 +9,13 @@ runs: a fresh interpreter per case would spend most of this file importing torch
 
 from __future__ import annotations
 
-import contextlib
-import importlib
-import io
 import json
 import os
 import shutil
-import sys
-import traceback
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, Result, assert_clean_error, run_script, snapshot, write_rows
+from conftest import assert_clean_error, run_main, run_script, snapshot, write_rows
 
 import common
 
@@ -39,33 +34,6 @@ def offline(monkeypatch):
         monkeypatch.setenv(name, "1")
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)
-
-
-def run_main(script: str, *args) -> Result:
-    """Run `python script ARGS` in this process: exit code, stdout and stderr as a subprocess gives
-    them. The --output-dir is compared before and after: `result.output_changed` says whether the
-    failed run changed anything in it (a new, empty directory is no change)."""
-    file, *first = script.split()
-    module = importlib.import_module(file.removesuffix(".py"))
-    args = [*first, *map(str, args)]
-    output_dir = Path(args[args.index("--output-dir") + 1]) if "--output-dir" in args else None
-    before = snapshot(output_dir) if output_dir else {}
-    stdout, stderr = io.StringIO(), io.StringIO()
-    saved_argv, sys.argv = sys.argv, [str(ROOT / file), *args]
-    code = 0
-    try:
-        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-            try:
-                common.run_cli(module.main)
-            except SystemExit as exit_:
-                code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
-            except BaseException:  # what the interpreter would print for an uncaught exception
-                traceback.print_exc()
-                code = 1
-    finally:
-        sys.argv = saved_argv
-    changed = output_dir is not None and snapshot(output_dir) != before
-    return Result(code, stdout.getvalue(), stderr.getvalue(), output_changed=changed)
 
 
 @pytest.fixture

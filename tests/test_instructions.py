@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from conftest import run_script, write_rows
+from conftest import run_main, run_script, write_rows
 
 SCRIPT = "text_generation_lora.py"
 SHAPES = {
@@ -122,7 +122,7 @@ def test_instruction_run_scores_answers_before_and_after_and_prompts_use_the_tem
     assert samples.count("### Reference") == 6 and "Short answer: spice 0." in samples
     assert "Which spice goes with dish 24?" in samples
 
-    answered = run_script(SCRIPT, "--output-dir", output_dir, "--prompt", "Which spice goes with dish 3?",
+    answered = run_main(SCRIPT, "--output-dir", output_dir, "--prompt", "Which spice goes with dish 3?",
                           "--temperature", "0", "--max-new-tokens", "6")
     assert answered.returncode == 0, answered.stderr
     model, saved_tokenizer = script.load_saved(output_dir)

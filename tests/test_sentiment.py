@@ -159,9 +159,21 @@ def review_rows(n_per_class: int, labels=("bad", "good")) -> list[dict]:
     return rows
 
 
-@pytest.mark.parametrize("fmt", ["csv", "tsv", "json", "jsonl"])
-def test_every_file_format_trains(fmt, tiny_encoder, tmp_path):
-    train_file = write_rows(tmp_path / f"train.{fmt}", review_rows(20))
+def test_every_file_format_reads_the_same_examples(tmp_path, capsys):
+    """CSV, TSV, JSON and JSON Lines give the same examples, labels and split (one of them trains below)."""
+    import sentiment_finetuning as script
+
+    loaded = {}
+    for fmt in ("csv", "tsv", "json", "jsonl"):
+        train_file = write_rows(tmp_path / f"train.{fmt}", review_rows(20))
+        data = script.load_data(script.parse_args(["--train-file", str(train_file), "--batch-size", "4"]))
+        loaded[fmt] = (data.splits, data.label_names)
+    assert loaded["tsv"] == loaded["csv"] == loaded["json"] == loaded["jsonl"]
+    assert len(loaded["csv"][0]["train"]) == 36 and len(loaded["csv"][0]["validation"]) == 4
+
+
+def test_a_table_file_trains(tiny_encoder, tmp_path):
+    train_file = write_rows(tmp_path / "train.tsv", review_rows(20))
     metrics, result = train(tiny_encoder, tmp_path / "out", "--train-file", train_file)
     assert "held out 4 of the training examples" in result.stdout
     assert metrics["validation"]["examples"] == 4

@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 
 import pytest
-from conftest import assert_clean_error, run_script
+from conftest import assert_clean_error, run_main, run_script
 
 SCRIPT = "text_generation_lora.py"
 FAST = ("--block-size", "64", "--epochs", "1", "--batch-size", "8", "--max-new-tokens", "8")
@@ -234,7 +234,7 @@ def test_lora_save_reload_identical_logits(tiny_gpt2, tmp_path):
 
 def test_greedy_generation_is_deterministic_and_loads_adapter_or_merged(trained):
     output_dir, _, _ = trained
-    runs = [run_script(SCRIPT, "--output-dir", directory, "--prompt", "Recipe: Fig Tart", "--temperature", "0",
+    runs = [run_main(SCRIPT, "--output-dir", directory, "--prompt", "Recipe: Fig Tart", "--temperature", "0",
                        "--max-new-tokens", "12") for directory in (output_dir, output_dir, output_dir / "merged")]
     for run in runs:
         assert run.returncode == 0, run.stderr
@@ -247,8 +247,8 @@ def test_sampling_with_prompts_from_a_file(trained, tmp_path):
     (tmp_path / "prompts.txt").write_text("Recipe: Pear Cake\n\nRecipe: Leek Soup\n")
     args = ("--output-dir", output_dir, "--prompt", f"@{tmp_path / 'prompts.txt'}", "--prompt", "Recipe: Pear Cake",
             "--temperature", "1.3", "--top-k", "20", "--top-p", "0.9", "--seed", "7", "--max-new-tokens", "10")
-    first, second = run_script(SCRIPT, *args), run_script(SCRIPT, *args)
-    other_seed = run_script(SCRIPT, *args[:-4], "--seed", "8", *args[-2:])
+    first, second = run_main(SCRIPT, *args), run_main(SCRIPT, *args)
+    other_seed = run_main(SCRIPT, *args[:-4], "--seed", "8", *args[-2:])
     assert first.returncode == 0, first.stderr
     assert first.stdout == second.stdout, "the same seed gives the same samples"
     assert other_seed.returncode == 0 and other_seed.stdout != first.stdout, "another seed gives other samples"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_script, write_rows
+from conftest import run_main, run_script, write_rows
 
 SENTIMENT, NER, GENERATION = "sentiment_finetuning.py", "ner_finetuning.py", "text_generation_lora.py"
 DROPOUT_KEYS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout", "resid_pdrop",
@@ -70,7 +70,7 @@ def runs_for(script: str, model: Path, data: dict, tmp_path: Path) -> dict[str, 
     directories = {}
     for name, flags in variants.items():
         directories[name] = tmp_path / name.replace(" ", "")
-        result = run_script(script, *common_flags, *flags, "--output-dir", directories[name])
+        result = run_main(script, *common_flags, *flags, "--output-dir", directories[name])
         assert result.returncode == 0, result.stdout + result.stderr
     return directories
 
@@ -122,7 +122,7 @@ def test_balanced_class_weights_are_recorded_and_weigh_the_training_loss_only(se
     import encoders
 
     output_dir = tmp_path / "weighted"
-    result = run_script(SENTIMENT, "--model-name", tiny_encoder, "--train-file", sentiment_data[0], "--validation-file",
+    result = run_main(SENTIMENT, "--model-name", tiny_encoder, "--train-file", sentiment_data[0], "--validation-file",
                         sentiment_data[1], "--epochs", "1", "--batch-size", "4", "--class-weights", "balanced",
                         "--output-dir", output_dir)
     assert result.returncode == 0, result.stderr
