@@ -25,9 +25,12 @@ ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "data"
 sys.path.insert(0, str(ROOT))
 
-# The hub is never contacted from the tests, also on machines that could reach it.
-OFFLINE_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-               "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+# The hub is never contacted from the tests, also on machines that could reach it. Set before
+# torch and huggingface_hub are imported (they read these once): the scripts run in this process
+# too (run_main), with one thread, as each test process of `pytest -n 2` has one core.
+os.environ.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+                   "OMP_NUM_THREADS": "1"})
+OFFLINE_ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
 def pytest_configure(config):
@@ -46,9 +49,13 @@ class Result:
     output_changed: bool = False  # set by in-process runs: the failed run changed its --output-dir
 
 
-def run_script(script: str, *args: str, cwd: Path | None = None, timeout: int = 300) -> Result:
-    """Run one of the project's scripts in a fresh process, offline."""
-    return run_command([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd, timeout=timeout)
+def run_script(script: str, *args: str, cwd: Path | None = None, timeout: int = 300, fresh_process: bool = False) -> Result:
+    """Run one of the project's scripts offline, as `python script ARGS` would: in this process
+    (run_main; a new interpreter would spend most of a tiny run importing torch and transformers),
+    or in a fresh process where the test needs one (what a process imports, another working directory)."""
+    if fresh_process or cwd is not None:
+        return run_command([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd, timeout=timeout)
+    return run_main(script, *args)
 
 
 def run_main(script: str, *args) -> Result:
@@ -64,6 +71,8 @@ def run_main(script: str, *args) -> Result:
     before = snapshot(output_dir) if output_dir else {}
     stdout, stderr = io.StringIO(), io.StringIO()
     saved_argv, sys.argv = sys.argv, [str(ROOT / file), *args]
+    saved_directory = os.getcwd()
+    os.chdir(ROOT)
     code = 0
     try:
         with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
@@ -76,6 +85,7 @@ def run_main(script: str, *args) -> Result:
                 code = 1
     finally:
         sys.argv = saved_argv
+        os.chdir(saved_directory)
     changed = output_dir is not None and snapshot(output_dir) != before
     return Result(code, stdout.getvalue(), stderr.getvalue(), output_changed=changed)
 
