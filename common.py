@@ -304,16 +304,18 @@ def add_batch_scaling_args(group: argparse._ArgumentGroup) -> None:
                             "larger model, batch or input, at about a third more compute.")
 
 
-def batch_scaling(args: argparse.Namespace, announce: bool = True) -> dict[str, Any]:
-    """The batch per optimizer step and what makes it (metrics.json's train record); `announce` prints it."""
-    scaling = {"gradient_accumulation_steps": args.gradient_accumulation_steps,
-               "effective_batch_size": args.batch_size * args.gradient_accumulation_steps * world_size(),
-               "gradient_checkpointing": args.gradient_checkpointing}
-    if announce:
-        print(f"batch: {args.batch_size} x {args.gradient_accumulation_steps} accumulation step(s) x {world_size()} "
-              f"process(es) = {scaling['effective_batch_size']} per optimizer step"
-              + ("; gradient checkpointing on" if args.gradient_checkpointing else ""))
-    return scaling
+def batch_scaling(args: argparse.Namespace) -> dict[str, Any]:
+    """The batch per optimizer step and what makes it (metrics.json's train record)."""
+    return {"gradient_accumulation_steps": args.gradient_accumulation_steps,
+            "effective_batch_size": args.batch_size * args.gradient_accumulation_steps * world_size(),
+            "gradient_checkpointing": args.gradient_checkpointing}
+
+
+def describe_batch(args: argparse.Namespace) -> str:
+    """The log line saying how large a batch each optimizer step sees, and how it is made."""
+    return (f"batch: {args.batch_size} x {args.gradient_accumulation_steps} accumulation step(s) x {world_size()} "
+            f"process(es) = {batch_scaling(args)['effective_batch_size']} per optimizer step"
+            + ("; gradient checkpointing on" if args.gradient_checkpointing else ""))
 
 
 def keeps_checkpoints(args: argparse.Namespace) -> bool:

@@ -292,7 +292,7 @@ def build_classifier_trainer(args: argparse.Namespace, trainer_base, model, fres
                             compute_loss_func=cross_entropy_loss(model, class_weights), callbacks=callbacks)
     # The loss is cross_entropy_loss(); the models need not see the Trainer's token count.
     trainer.model_accepts_loss_kwargs = False
-    common.batch_scaling(args)
+    print(common.describe_batch(args))
     print(common.describe_checkpoints(output_dir, args.save_steps, args.save_total_limit, once))
     return trainer, interrupt_callback
 
@@ -369,7 +369,7 @@ def lora_head_modules(model, fresh_parameters: Sequence[str]) -> list[str]:
 
 
 def weights_record(class_weights, label_names: list[str]) -> dict[str, float] | None:
-    """Class weights by label name, for run_config.json and metrics.json (None: unweighted)."""
+    """Class weights by label name (None: unweighted)."""
     return None if class_weights is None else {name: round(float(w), 4) for name, w in zip(label_names, class_weights)}
 
 
@@ -437,6 +437,7 @@ def run_encoder_task(args: argparse.Namespace, method: str, task: EncoderTask) -
     model, lora = prepare_for_method(model, fresh, args, method, task.peft_task_type)
     collator = task.collator(tokenizer)
     class_weights = task.class_weights(args, splits["train"], data.label_names)
+    weights = weights_record(class_weights, data.label_names)  # by label name, for run_config.json and metrics.json
     if args.gradient_checkpointing:  # before the speed tricks check themselves, so that the check covers it
         model.activation_checkpointing_enable()
     # Speed tricks for this model, each checked on a few training examples against the stock computation.
@@ -447,7 +448,7 @@ def run_encoder_task(args: argparse.Namespace, method: str, task: EncoderTask) -
     common.save_run_config(output_dir, args, {"model": resolved.name, "model_path": resolved.path, "method": method,
                                        "task": task.name, "precision": precision, "labels": data.label_names,
                                        "data": data.source, "lora_targets": lora and lora["target_modules"],
-                                       "class_weights": weights_record(class_weights, data.label_names),
+                                       "class_weights": weights,
                                        "speedups": applied, **data.record})
 
     # 4. Train, then save the best model (or adapter) before anything else can fail.
@@ -473,8 +474,7 @@ def run_encoder_task(args: argparse.Namespace, method: str, task: EncoderTask) -
                    **task.counts(splits["train"], args.epochs, train_seconds),
                    "tokens": round(tokens), "tokens_per_s": round(tokens / train_seconds, 1),
                    "steps": result.global_step, "epochs": args.epochs, "final_loss": round(result.training_loss, 4),
-                   **common.batch_scaling(args, announce=False),
-                   "class_weights": weights_record(class_weights, data.label_names),
+                   **common.batch_scaling(args), "class_weights": weights,
                    "speedups": applied, "peak_rss_mb": common.peak_rss_mb(),
                    "wall_time_s": round(time.perf_counter() - started, 2)}
     extra = {"labels": data.label_names, **data.record, "saved_size_mb": common.directory_size_mb(output_dir)}

@@ -108,7 +108,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     encoders.check_encoder_args(parser, args)
     if not 0 <= args.lora_dropout < 1:
         parser.error("--lora-dropout must be in [0, 1)")
-    if args.adapter and not (args.predict or args.predict_file):
+    if args.adapter and not args.predict:
         parser.error("--adapter needs --predict TEXT (or --predict @FILE)")
     return args
 
@@ -620,7 +620,7 @@ def main() -> int:
     if args.task == "generation":
         return text_generation.main(args)
     common.quiet_libraries()
-    if args.predict or args.predict_file:
+    if args.predict:
         predict_with_adapters(args)
         return 0
     output_dir = Path(args.output_dir)

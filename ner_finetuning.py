@@ -97,7 +97,8 @@ def build_parser(description: str = __doc__, learning_rate: float = 5e-5, fallba
     predict.add_argument("--predict", action="append", metavar="TEXT",
                          help="Print the entities found in this text (type, character span "
                               "[start, end), score, text) and exit (repeatable).")
-    predict.add_argument("--predict-file", help=argparse.SUPPRESS)  # the older spelling of --predict @FILE
+    predict.add_argument("--predict-file", dest="predict", action="append", type="@{}".format,
+                         help=argparse.SUPPRESS)  # the older spelling of --predict @FILE
     return parser
 
 
@@ -749,8 +750,7 @@ def predict_entities(model, tokenizer, texts: Sequence[str], max_length: int, ba
 
 
 def read_predict_texts(args: argparse.Namespace) -> list[str]:
-    texts = common.read_texts((args.predict or []) + ([f"@{args.predict_file}"] if args.predict_file else []),
-                              "--predict", (".txt", ".text"))
+    texts = common.read_texts(args.predict or [], "--predict", (".txt", ".text"))
     if not texts:
         raise UserError("nothing to tag: --predict was empty (or its @FILE had no lines).")
     return texts
@@ -867,7 +867,7 @@ def run(args: argparse.Namespace, method: str = "full") -> dict[str, Any] | None
 def main() -> int:
     args = parse_args()
     common.set_trust_remote_code(args.trust_remote_code)
-    if args.predict or args.predict_file:
+    if args.predict:
         predict(args)
         return 0
     return 0 if run(args) is not None else 130

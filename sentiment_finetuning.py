@@ -61,7 +61,8 @@ def build_parser(description: str = __doc__, learning_rate: float = 2e-5, fallba
     predict = parser.add_argument_group("prediction (uses the model saved in --output-dir)")
     predict.add_argument("--predict", action="append", metavar="TEXT",
                          help="Classify this text and exit (repeatable; @FILE: every non-empty line of the file).")
-    predict.add_argument("--predict-file", help=argparse.SUPPRESS)  # the older spelling of --predict @FILE
+    predict.add_argument("--predict-file", dest="predict", action="append", type="@{}".format,
+                         help=argparse.SUPPRESS)  # the older spelling of --predict @FILE
     return parser
 
 
@@ -326,8 +327,7 @@ def counts(train: Encoded, epochs: float, seconds: float) -> dict[str, Any]:
 
 
 def read_predict_texts(args: argparse.Namespace) -> list[str]:
-    texts = common.read_texts((args.predict or []) + ([f"@{args.predict_file}"] if args.predict_file else []),
-                              "--predict", (".txt", ".text", ".csv", ".tsv"))
+    texts = common.read_texts(args.predict or [], "--predict", (".txt", ".text", ".csv", ".tsv"))
     if not texts:
         raise UserError("nothing to classify: --predict was empty (or its @FILE had no lines).")
     return texts
@@ -410,7 +410,7 @@ def run(args: argparse.Namespace, method: str = "full") -> dict[str, Any] | None
 def main() -> int:
     args = parse_args()
     common.set_trust_remote_code(args.trust_remote_code)
-    if args.predict or args.predict_file:
+    if args.predict:
         common.quiet_libraries()
         predict(args)
         return 0

@@ -37,9 +37,9 @@ DEFAULT_PROMPTS = common.DATA_DIR / "text" / "prompts.txt"
 TEXT_EXTENSIONS = (".txt", ".text", ".md")
 CORPUS_EXTENSIONS = TEXT_EXTENSIONS + common.TABLE_EXTENSIONS
 TEXT_COLUMNS = ("text", "content", "document", "body", "story", "passage")
-# Instruction records take one of these shapes; the plain template formats them for models without a chat template.
+# The fields of instruction records, in the order they are looked for (read_records()).
+RECORD_FIELDS = (("messages",), ("prompt", "response"), ("instruction", "output"))
 RECORD_SHAPES = "'prompt' and 'response', 'instruction' (and 'input') and 'output', or a 'messages' list"
-PLAIN_TEMPLATE = "### Instruction:\n{prompt}\n\n### Response:\n"
 SCORED_PROMPTS = 50  # validation prompts answered and scored before and after training, unless --max-eval-samples
 SAMPLES_FILE = "samples.md"
 MERGED_SUBDIR = "merged"
@@ -98,7 +98,8 @@ def build_parser(description: str = __doc__, output_dir: str = "./gen") -> argpa
     generation.add_argument("--prompt", action="append", metavar="TEXT",
                             help="A prompt (repeatable; a prompt given twice is sampled twice); @FILE reads one per line. "
                                  "A model trained on instruction data gets its prompt template.")
-    generation.add_argument("--prompt-file", help=argparse.SUPPRESS)  # the older spelling of --prompt @FILE
+    generation.add_argument("--prompt-file", dest="prompt", action="append", type="@{}".format,
+                            help=argparse.SUPPRESS)  # the older spelling of --prompt @FILE
     generation.add_argument("--max-new-tokens", type=common.positive_int, default=80, help="Tokens to generate per prompt.")
     generation.add_argument("--temperature", type=common.non_negative_float, default=0.8,
                             help="Sampling temperature; 0: greedy decoding (the most likely token each time).")
@@ -172,12 +173,16 @@ def read_documents(paths: list[str], flag: str, text_column: str | None) -> list
     return documents
 
 
+def record_shape(fields) -> tuple[str, ...] | None:
+    """The instruction-record fields among a table's `fields`, or None for plain documents."""
+    return next((shape for shape in RECORD_FIELDS if set(fields) & set(shape)), None)
+
+
 def read_records(rows: list[dict[str, Any]], source: str) -> list[tuple[list[dict[str, str]], str]] | None:
     """Instruction records as (the conversation up to the answer, the answer), or None when the rows
     have none of the record shapes (plain documents). A chat record's answer is its last message,
     which must be the assistant's; the turns before it are the context the answer follows."""
-    fields = set(rows[0])
-    shape = next((s for s in (("messages",), ("prompt", "response"), ("instruction", "output")) if fields & set(s)), None)
+    shape = record_shape(rows[0])
     if shape is None:
         return None
     records = []
@@ -185,9 +190,9 @@ def read_records(rows: list[dict[str, Any]], source: str) -> list[tuple[list[dic
         where = f"{source}: record {number}"
         if shape == ("messages",):
             messages = row.get("messages")
-            if not (isinstance(messages, list) and len(messages) >= 2 and messages[-1].get("role") == "assistant"
+            if not (isinstance(messages, list) and len(messages) >= 2
                     and all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                            for m in messages)):
+                            for m in messages) and messages[-1]["role"] == "assistant"):
                 raise UserError(f"{where}: 'messages' must be a list of {{\"role\", \"content\"}} objects that ends "
                                 "with the assistant's answer.")
             context, answer = [{"role": m["role"], "content": m["content"]} for m in messages[:-1]], messages[-1]["content"]
@@ -214,8 +219,7 @@ def load_documents(args: argparse.Namespace) -> tuple[list, list | None, str]:
     if args.dataset:
         hub = common.load_hub_dataset(args.dataset, args.dataset_config)
         split = next((s for s in ("validation", "valid", "test") if s in hub), None)
-        records = None if args.text_column else read_records(hub["train"].select(range(1)).to_list(), f"--dataset {args.dataset}")
-        if records is not None:
+        if not args.text_column and record_shape(hub["train"].column_names):
             train = read_records(hub["train"].to_list(), f"--dataset {args.dataset} train")
             validation = read_records(hub[split].to_list(), f"--dataset {args.dataset} {split}") if split else None
             return train, validation, f"hub dataset {args.dataset}"
@@ -446,8 +450,7 @@ def perplexity(model, blocks: list[list[int]], batch_size: int, pad_id: int, pre
 
 
 def read_prompts(args: argparse.Namespace, default: bool) -> list[str]:
-    prompts = common.read_texts((args.prompt or []) + ([f"@{args.prompt_file}"] if args.prompt_file else []),
-                                "--prompt", TEXT_EXTENSIONS)
+    prompts = common.read_texts(args.prompt or [], "--prompt", TEXT_EXTENSIONS)
     if not prompts and default:
         prompts = [line.strip() for line in DEFAULT_PROMPTS.read_text().splitlines() if line.strip()][:3]
     return prompts
@@ -597,7 +600,7 @@ def build_trainer(args, trainer_base, model, tokenizer, blocks, precision: str, 
     trainer = trainer_base(model=model, args=training_args,
                            train_dataset=[e if isinstance(e, dict) else {"input_ids": e} for e in blocks["train"]],
                            data_collator=lambda batch: collate_blocks(batch, tokenizer.pad_token_id), callbacks=callbacks)
-    common.batch_scaling(args)
+    print(common.describe_batch(args))
     print(common.describe_checkpoints(output_dir, args.save_steps, args.save_total_limit))
     return trainer, interrupt_callback
 
@@ -735,7 +738,7 @@ def run(args: argparse.Namespace) -> int:
         import shutil
 
         shutil.rmtree(output_dir / common.CHECKPOINT_SUBDIR, ignore_errors=True)
-    scaling = common.batch_scaling(args, announce=False)
+    scaling = common.batch_scaling(args)
     examples_trained = result.global_step * scaling["effective_batch_size"]  # every process trains a batch per step
     mean_tokens = sum(len(e["input_ids"] if instruction else e) for e in blocks["train"]) / len(blocks["train"])
     train_stats = {"runtime_s": round(runtime, 2), "steps": result.global_step,
@@ -817,7 +820,7 @@ def save_merged(model, tokenizer, output_dir: Path) -> None:
 def main(args: argparse.Namespace | None = None) -> int:
     args = args or parse_args()
     common.set_trust_remote_code(args.trust_remote_code)
-    if (args.prompt or args.prompt_file) and not (args.train_file or args.dataset):
+    if args.prompt and not (args.train_file or args.dataset):
         common.quiet_libraries()
         generate_from_saved(args)
         return 0

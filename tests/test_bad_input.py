@@ -599,7 +599,8 @@ def test_real_process_bad_data(tmp_path):
     ([{"instruction": "Soup?", "output": "Salt."}, {"instruction": "Stew?", "output": " "}], "record 2: the response is empty"),
     ([{"question": "Soup?", "answer": "Salt."}], "unknown record shape (fields: question, answer)"),
     ([{"messages": [{"role": "user", "content": "Soup?"}]}], "'messages' must be a list"),
-], ids=["missing-response", "empty-response", "unknown-shape", "messages-without-answer"])
+    ([{"messages": [{"role": "user", "content": "Soup?"}, "Salt."]}], "'messages' must be a list"),
+], ids=["missing-response", "empty-response", "unknown-shape", "messages-without-answer", "message-not-an-object"])
 def test_bad_instruction_records(rows, message, guard, tmp_path):
     records = write_rows(tmp_path / "records.jsonl", rows)
     assert_clean_error(run_main(GENERATION, *guard, *out(tmp_path), "--train-file", records), message)
