@@ -18,6 +18,7 @@ import importlib.util
 import json
 import os
 import random
+import re
 import resource
 import shlex
 import signal
@@ -126,14 +127,12 @@ def quiet_libraries() -> None:
     import transformers
 
     transformers.utils.logging.disable_progress_bar()  # weight-loading and shard-writing bars
-    # Configs saved by transformers 5 itself (a user's earlier run included) carry loss_type=None,
-    # and loading them says so at every run.
+    # Configs saved by transformers 5 itself carry loss_type=None, and loading them says so at every run.
     for handler in logging.getLogger("transformers").handlers:
         handler.addFilter(lambda record: "`loss_type=None` was set in the config" not in str(record.msg))
     # The data loader runs in the main process on purpose: the data is tokenized once, in memory.
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    # A LoRA adapter saved from a local base-model directory: PEFT cannot look up the base's
-    # config on the hub, and says so.
+    # A LoRA adapter saved from a local base model: PEFT cannot look up the base's config on the hub.
     warnings.filterwarnings("ignore", message="Could not find a config file")
     # GPT-2's Conv1D projections: PEFT sets fan_in_fan_out itself and says so.
     warnings.filterwarnings("ignore", message="fan_in_fan_out is set to False")
@@ -895,8 +894,7 @@ def directory_size_mb(path: Path, pattern: str = "*.safetensors") -> float:
 # LoRA
 # --------------------------------------------------------------------------------------------
 
-# Modules that LoRA adapts by default, per architecture (config.model_type). Attention query and
-# value projections follow the LoRA paper; causal LMs adapt every attention projection.
+# Modules LoRA adapts by default per config.model_type: query and value as in the LoRA paper, or more.
 LORA_TARGETS = {
     "distilbert": ["q_lin", "v_lin"],
     "bert": ["query", "value"], "roberta": ["query", "value"], "xlm-roberta": ["query", "value"],
@@ -904,18 +902,15 @@ LORA_TARGETS = {
     "deberta": ["in_proj"], "deberta-v2": ["query_proj", "value_proj"],
     "gpt2": ["c_attn"], "gpt_neox": ["query_key_value"], "bloom": ["query_key_value"],
     "falcon": ["query_key_value"], "gptj": ["q_proj", "v_proj"], "opt": ["q_proj", "v_proj"],
-    # Llama-style models: all seven projections of each block. On tiny-shakespeare with SmolLM2
-    # (README, "Expected results") they reached a larger perplexity gain at lr 3e-4 than the query
-    # and value projections at 1e-3, with almost no drift on unrelated text (+0.2% against +1.7%).
+    # Llama-style models: all seven projections (on tiny-shakespeare: more gain, less drift than q and v).
     **{model_type: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
        for model_type in ("llama", "mistral", "qwen2", "qwen3", "gemma")},
     "phi": ["q_proj", "k_proj", "v_proj", "dense"], "t5": ["q", "v"],
 }
-# Every linear layer of each encoder block (attention and feed-forward), for tasks that need more
-# than the attention's query and value: on WikiANN-en NER (5,000 sentences, one epoch) these at
-# rank 16 matched full fine-tuning where query and value alone scored 18 points lower (BENCHMARKS.md).
+# Every linear layer of each encoder block, lora_finetuning.py's default (BENCHMARKS.md). For BERT-like
+# models "output.dense" ends both output projections; "dense" would also catch the pooler and heads.
 LORA_BLOCK_TARGETS = {
-    **{model_type: ["query", "key", "value", "dense"]
+    **{model_type: ["query", "key", "value", "intermediate.dense", "output.dense"]
        for model_type in ("bert", "roberta", "xlm-roberta", "electra", "camembert")},
     "distilbert": ["q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"],
 }
@@ -939,8 +934,8 @@ def add_lora_args(parser: argparse.ArgumentParser, dropout: float = 0.0, rank: i
         group.add_argument("--lora-dropout", type=float, default=dropout,
                            help="Dropout on the adapter's input (0 skips a copy of every adapted activation).")
         group.add_argument("--lora-layers", type=positive_int, metavar="N",
-                           help="Adapt the top N transformer layers only (default: all). The layers below the "
-                                "lowest adapter need no backward pass, which saves training time.")
+                           help="Adapt the top N layers only (default: the top two thirds for classification, "
+                                "all for NER); the layers below the lowest adapter need no backward pass.")
         group.add_argument("--lora-variant", choices=("lora", "rslora", "dora"), default="lora",
                            help="rslora: rank-stabilised scaling (alpha / sqrt(r)); dora: weight-decomposed LoRA.")
         for variant in ("rslora", "dora"):  # the older spellings --use-rslora, --use-dora
@@ -949,21 +944,25 @@ def add_lora_args(parser: argparse.ArgumentParser, dropout: float = 0.0, rank: i
     return group
 
 
-def lora_target_modules(model, requested: Sequence[str] | None, block: bool = False) -> list[str] | str:
-    """The modules to adapt: the user's list (checked against the model) or the architecture's
-    default (with `block`, every linear layer of each block where LORA_BLOCK_TARGETS knows them)."""
+def lora_target_modules(model, requested: Sequence[str] | None, block: bool = False,
+                        layered: bool = False) -> list[str] | str:
+    """The modules to adapt: the user's list (checked against the model) or the architecture's default
+    (`block`: every linear layer of each block, LORA_BLOCK_TARGETS). With `layered` (PEFT picks layers
+    for named modules only), "all-linear" becomes the names of the linear modules in numbered layers."""
     import torch
 
     linear_modules = [name for name, module in model.named_modules()
                       if isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"]
     linear_names = sorted({name.rsplit(".", 1)[-1] for name in linear_modules})
+    in_layers = sorted({name.rsplit(".", 1)[-1] for name in linear_modules if re.search(r"\.\d+\.", name)})
+    all_linear = in_layers if layered else "all-linear"
 
     def matches(target: str) -> bool:  # as PEFT matches: the module's dotted path ends with it ("output.dense")
         return any(name == target or name.endswith("." + target) for name in linear_modules)
 
     if requested:
         if list(requested) == ["all-linear"]:
-            return "all-linear"
+            return all_linear
         unknown = [name for name in requested if not matches(name)]
         if unknown:
             raise UserError(f"--lora-target-modules {' '.join(unknown)}: no such linear module in this model "
@@ -974,15 +973,17 @@ def lora_target_modules(model, requested: Sequence[str] | None, block: bool = Fa
     if default and all(matches(name) for name in default):
         return default
     print(f"note: no LoRA default for model type '{model_type}'; adapting all linear layers.")
-    return "all-linear"
+    return all_linear
 
 
-def apply_lora(model, args: argparse.Namespace, task_type: str, modules_to_save: Sequence[str] = ()):
-    """Wrap `model` in a PEFT LoRA model built from the --lora-* flags."""
+def apply_lora(model, args: argparse.Namespace, task_type: str, modules_to_save: Sequence[str] = (),
+               top_layers: int | None = None):
+    """PEFT LoRA from the --lora-* flags, on the `top_layers` top layers (else --lora-layers, else all)."""
     from peft import LoraConfig, get_peft_model
 
-    targets = lora_target_modules(model, args.lora_target_modules, getattr(args, "lora_block_targets", False))
-    layers, top = model.config.num_hidden_layers, getattr(args, "lora_layers", None)
+    layers, top = model.config.num_hidden_layers, top_layers or getattr(args, "lora_layers", None)
+    block = getattr(args, "lora_block_targets", False)
+    targets = lora_target_modules(model, args.lora_target_modules, block, layered=bool(top))
     if top and top > layers:
         raise UserError(f"--lora-layers {top}: the model has {layers} layers; pass at most {layers}.")
     config = LoraConfig(task_type=task_type, r=args.lora_r, lora_alpha=args.lora_alpha,

@@ -152,8 +152,9 @@ def _method_phrase(metrics: dict[str, Any], run_config: dict[str, Any]) -> str:
     targets = lora.get("target_modules") or run_config.get("lora_targets")
     targets = targets if isinstance(targets, str) else ", ".join(targets or [])
     layers = f" of the top {lora['layers']} layers" if lora.get("layers") else ""
+    dropout = ", the base model's dropout off" if lora.get("base_dropout") == "off" else ""
     return (f"with LoRA (rank {lora.get('r', args.get('lora_r'))}, alpha {lora.get('alpha', args.get('lora_alpha'))}, "
-            f"adapters on {targets}{layers}). This folder holds the adapter, which loads on top of the base model")
+            f"adapters on {targets}{layers}{dropout}). This folder holds the adapter, which loads on top of the base model")
 
 
 def _data_lines(metrics: dict[str, Any], run_config: dict[str, Any]) -> list[str]:

@@ -6,7 +6,7 @@ in metrics.json (train.speedups):
     for_process(enabled)                        the memory allocator; the GPU attention backend
     for_model(model, probe, precision, kind)    CPU attention, first-token last layer, embedding
                                                 gradient, chunked language-model loss, LoRA's
-                                                frozen weights and inputs in bf16
+                                                fused products, frozen weights and inputs in bf16
     trainer_class(base, applied)                the Trainer's side of the tricks above
     for_training(model, applied)                the context the training runs in
     cached_checkpoint(resolved, convert, ...)   a GGUF model converted once, then loaded fast
@@ -667,6 +667,84 @@ def _restore_frozen_weights(model) -> None:
     model.fp32_frozen_weights = {}
 
 
+# ---- LoRA's adapted layers ---------------------------------------------------------------------
+
+
+def _fusable_lora_layers(model) -> list:
+    """PEFT's LoRA linear layers that the fused product can run: one plain adapter ("default", no
+    dropout, no DoRA) on a frozen torch Linear (not GPT-2's transposed Conv1D)."""
+    import torch
+
+    config = getattr(model, "peft_config", {}).get("default")
+    if config is None or config.use_dora or config.lora_dropout or _on_gpu(model):
+        return []
+    from peft.tuners.lora.layer import Linear
+
+    return [module for module in model.modules()
+            if type(module) is Linear and type(module.base_layer) is torch.nn.Linear and not module.fan_in_fan_out
+            and not module.base_layer.weight.requires_grad and list(module.lora_A) == ["default"]]
+
+
+@functools.cache
+def _lora_product():
+    """y = x W^T + b + s (x A^T) B^T as one autograd function. PEFT computes the adapter's output,
+    scales it and adds it to the frozen layer's as three more full-size tensors each way (forward
+    and backward); here the scaled update is accumulated into the frozen product's output, and the
+    adapter's input gradient into the frozen layer's, by the matrix products themselves. Under
+    autocast it computes in the autocast dtype, as the library's layers do."""
+    import torch
+
+    class LoraProduct(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, weight, bias, lora_a, lora_b, scaling):
+            device = x.device.type
+            dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+            ctx.scaling, ctx.x_shape, ctx.x_dtype, ctx.adapter_dtype = scaling, x.shape, x.dtype, lora_a.dtype
+            with torch.autocast(device, enabled=False):
+                rows = x.reshape(-1, x.shape[-1]).to(dtype)
+                weight, lora_a, lora_b = weight.to(dtype), lora_a.to(dtype), (lora_b * scaling).to(dtype)
+                out = rows @ weight.t() if bias is None else torch.addmm(bias.to(dtype), rows, weight.t())
+                hidden = rows @ lora_a.t()
+                out.addmm_(hidden, lora_b.t())
+            ctx.save_for_backward(rows, weight, lora_a, lora_b, hidden)
+            return out.view(*x.shape[:-1], out.shape[-1])
+
+        @staticmethod
+        def backward(ctx, grad):
+            rows, weight, lora_a, scaled_b, hidden = ctx.saved_tensors
+            grad = grad.reshape(-1, grad.shape[-1]).to(rows.dtype)
+            grad_hidden = grad @ scaled_b
+            grad_b = (grad.t() @ hidden).mul_(ctx.scaling).to(ctx.adapter_dtype)
+            grad_a = (grad_hidden.t() @ rows).to(ctx.adapter_dtype)
+            grad_x = None
+            if ctx.needs_input_grad[0]:
+                grad_x = (grad @ weight).addmm_(grad_hidden, lora_a).view(ctx.x_shape).to(ctx.x_dtype)
+            return grad_x, None, None, grad_a, grad_b, None
+
+    return LoraProduct
+
+
+def _fused_lora_forward(layer, x, *args, **kwargs):
+    if args or kwargs or layer.merged or layer.disable_adapters or layer.active_adapters != ["default"]:
+        return type(layer).forward(layer, x, *args, **kwargs)
+    base = layer.base_layer
+    return _lora_product().apply(x, base.weight, base.bias, layer.lora_A["default"].weight,
+                                 layer.lora_B["default"].weight, layer.scaling["default"])
+
+
+def _fuse_lora_products(model) -> None:
+    import types
+
+    for layer in _fusable_lora_layers(model):
+        layer.forward = types.MethodType(_fused_lora_forward, layer)
+
+
+def _unfuse_lora_products(model) -> None:
+    for module in model.modules():
+        if getattr(module.__dict__.get("forward"), "__func__", None) is _fused_lora_forward:
+            del module.forward
+
+
 TRICKS = [
     # Encoders only: text generation merges its adapters into the model in memory, which must stay fp32.
     Trick("frozen_weights_in_bf16", ("sequence-classification", "token-classification"),
@@ -681,6 +759,8 @@ TRICKS = [
           _can_keep_embedding_gradient, _keep_embedding_gradient, _drop_embedding_gradient),
     Trick("chunked_loss", ("causal-lm",), lambda model: chunked_loss_parts(model) is not None,
           lambda model: None, lambda model: None, chunked_loss=True),
+    Trick("fused_lora_products", ("sequence-classification", "token-classification", "causal-lm"),
+          lambda model: bool(_fusable_lora_layers(model)), _fuse_lora_products, _unfuse_lora_products),
     Trick("lora_input_casting_off", ("sequence-classification", "token-classification", "causal-lm"),
           _lora_casts_inputs, lambda model: None, lambda model: None, autocast_only=True),
 ]

@@ -16,7 +16,7 @@ Each task is one `lora_finetuning.py --compare --seeds ...` run with the default
 
 Each comparison folder (benchmarks/results/lora_vs_full/TASK) holds comparison.md, comparison.json,
 the plots and every run; the table printed at the end is also written to
-benchmarks/results/lora_vs_full.json.
+benchmarks/results/lora_vs_full.json (one row per task, the latest run of each).
 """
 
 from __future__ import annotations
@@ -88,7 +88,10 @@ def main() -> int:
                      "verdict": comparison["verdict"], "lora_time_ratio": comparison["lora_time_ratio"],
                      "lora_settings": comparison["lora_settings"], "hardware": comparison["hardware"]})
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "lora_vs_full.json").write_text(json.dumps(rows, indent=2) + "\n")
+    results = RESULTS / "lora_vs_full.json"  # the other tasks' rows stay as their last run left them
+    kept = [row for row in (json.loads(results.read_text()) if results.is_file() else []) if row["task"] not in args.tasks]
+    rows = sorted(kept + rows, key=lambda row: row["task"])
+    results.write_text(json.dumps(rows, indent=2) + "\n")
     print("\n| task | metric | full fine-tuning | LoRA | LoRA - full (95% interval) | LoRA time / full | verdict |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:

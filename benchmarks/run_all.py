@@ -326,6 +326,7 @@ def baseline_command(task: str, recipe: str, files: dict[str, Path], output_dir:
     if lora:
         command += ["--lora", "--lora-r", str(lora["r"]), "--lora-alpha", str(lora["alpha"]),
                     "--lora-dropout", str(lora["dropout"]), "--lora-target-modules", *lora["targets"]]
+        command += ["--no-base-dropout"] if lora.get("base_dropout_off") else []
     return command
 
 
@@ -341,14 +342,16 @@ def project_settings(task: str, run_config: dict[str, Any] | None, encoder: str,
             model["name"] = encoder_name
         settings = run_config["args"]
         lora = ({"r": settings["lora_r"], "alpha": settings["lora_alpha"], "dropout": settings["lora_dropout"],
-                 "targets": list(run_config["lora_targets"])} if lora_task and run_config.get("lora_targets") else None)
+                 "targets": list(run_config["lora_targets"]), "base_dropout_off": not settings.get("keep_base_dropout", True)}
+                if lora_task and run_config.get("lora_targets") else None)
         return model, lora
     if task == "text-generation":
         model = ({"path": causal_lm, "name": causal_lm} if causal_lm else
                  {"path": str(common.bundled_causal_lm_dir()), "gguf_file": common.BUNDLED_CAUSAL_LM_FILE,
                   "name": common.BUNDLED_CAUSAL_LM_NAME})
-        return model, {"r": 8, "alpha": 16, "dropout": 0.0, "targets": ["q_proj", "k_proj", "v_proj", "o_proj"]}
-    lora = {"r": 8, "alpha": 16, "dropout": 0.0, "targets": ["query", "value"]} if lora_task else None
+        return model, {"r": 8, "alpha": 16, "dropout": 0.0, "targets": common.LORA_TARGETS["llama"]}
+    lora = ({"r": 16, "alpha": 32, "dropout": 0.0, "targets": common.LORA_BLOCK_TARGETS["bert"], "base_dropout_off": True}
+            if lora_task else None)
     return {"path": encoder, "name": encoder_name}, lora
 
 

@@ -259,3 +259,14 @@ def test_a_rate_chosen_for_a_replaced_model_is_scaled(script, chosen, expected, 
     args = module.parse_args(["--learning-rate", str(chosen)])
     encoders.settle_learning_rate(args, common.ResolvedModel(path="/some/model", name="/some/model"))
     assert args.learning_rate == chosen
+
+
+@pytest.mark.parametrize("flags, expected", [((), []), (("--keep-base-dropout",), ["--keep-base-dropout"])])
+def test_compare_passes_the_lora_settings_to_the_lora_runs_only(flags, expected):
+    import lora_finetuning
+
+    args = lora_finetuning.parse_args(["--compare", "--lora-r", "4", *flags])
+    commands = lora_finetuning.method_commands(args, ["--epochs", "1"])
+    assert [flag for flag in commands["lora"] if flag == "--keep-base-dropout"] == expected
+    assert commands["lora"][commands["lora"].index("--lora-r") + 1] == "4"
+    assert not any(flag.startswith("--lora") or flag == "--keep-base-dropout" for flag in commands["full"])

@@ -78,6 +78,36 @@ def test_default_target_modules_per_architecture(tiny_encoders, kind, expected):
     assert common.lora_target_modules(model, ["all-linear"]) == "all-linear"
 
 
+@pytest.mark.parametrize("kind", ["distilbert", "bert", "roberta"])
+def test_lora_finetuning_adapts_every_block_linear_and_leaves_the_head_to_full_training(tiny_encoders, kind):
+    """lora_finetuning.py's classification default: an adapter on each linear layer of the top two
+    thirds of the transformer blocks, none on the pooler or the classification head (those are
+    trained in full), and the base model's dropout off unless --keep-base-dropout."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    import encoders
+    import lora_finetuning
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_encoders[kind], num_labels=2, num_hidden_layers=3)
+    top_two_layers = {name for name, module in model.named_modules()
+                      if isinstance(module, torch.nn.Linear) and (".layer.1." in name or ".layer.2." in name)}
+    args = lora_finetuning.parse_args(["--model-name", str(tiny_encoders[kind])])
+    assert args.lora_r == 16 and args.lora_target_modules is None and args.lora_layers is None
+    fresh = [name for name, _ in model.named_parameters() if "classifier" in name]
+    model, record = encoders.prepare_for_method(model, fresh, args, "lora", "SEQ_CLS")
+    adapted = {name.removeprefix("base_model.model.") for name, module in model.named_modules() if hasattr(module, "lora_A")}
+    assert adapted == top_two_layers and len(adapted) == 6 * 2 and record["layers"] == 2  # the top two thirds of 3
+    assert record["base_dropout"] == "off" and not any(m.p for m in model.modules() if isinstance(m, torch.nn.Dropout))
+
+    kept = AutoModelForSequenceClassification.from_pretrained(tiny_encoders[kind], num_labels=2)
+    probabilities = [m.p for m in kept.modules() if isinstance(m, torch.nn.Dropout)]
+    args = lora_finetuning.parse_args(["--model-name", str(tiny_encoders[kind]), "--keep-base-dropout"])
+    kept, record = encoders.prepare_for_method(kept, fresh, args, "lora", "SEQ_CLS")
+    assert record["base_dropout"] == "kept" and any(probabilities)
+    assert {m.p for m in kept.modules() if isinstance(m, torch.nn.Dropout)} == set(probabilities)  # PEFT copies head modules
+
+
 def test_gpt2_default_target_is_c_attn(tiny_gpt2):
     from transformers import AutoModelForCausalLM
 
@@ -168,9 +198,17 @@ def test_lora_run_trains_only_adapters_and_head(tiny_encoders, tmp_path):
     assert result.returncode == 0, result.stderr
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["method"] == "lora"
-    assert metrics["params"]["trainable"] < 0.2 * metrics["params"]["total"]
-    assert metrics["lora"]["target_modules"] == ["q_lin", "v_lin"]
+    assert metrics["lora"]["target_modules"] == ["q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"]
     assert metrics["lora"]["modules_to_save"] == ["classifier", "pre_classifier"]
+    assert metrics["lora"]["base_dropout"] == "off" and "the base model's dropout off" in (tmp_path / "README.md").read_text()
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_encoders["distilbert"], num_labels=2)
+    adapters = sum(16 * (m.in_features + m.out_features) for name, m in base.named_modules()
+                   if isinstance(m, torch.nn.Linear) and ".layer." in name)
+    head = sum(p.numel() for name, p in base.named_parameters() if "classifier" in name)
+    assert metrics["params"]["trainable"] == adapters + head
     assert (tmp_path / "adapter_model.safetensors").is_file() and not (tmp_path / "model.safetensors").exists()
     assert "reduction" in result.stdout
 
@@ -220,7 +258,8 @@ def test_ner_lora_run_predict_and_merge(tiny_encoders, tmp_path):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["task"] == "token-classification" and metrics["method"] == "lora"
-    assert metrics["lora"]["target_modules"] == ["query", "key", "value", "dense"]  # every linear layer of each block
+    assert metrics["lora"]["target_modules"] == ["query", "key", "value", "intermediate.dense", "output.dense"]
+    assert metrics["lora"]["layers"] is None  # NER adapts every layer
     assert metrics["lora"]["modules_to_save"] == ["classifier"]
     assert 0 <= metrics["test"]["f1"] <= 1 and "per_type" in metrics["test"]
     assert (tmp_path / "adapter_model.safetensors").is_file() and not (tmp_path / "model.safetensors").exists()
@@ -371,3 +410,22 @@ def test_lora_layers_adapts_the_top_layers_only_and_skips_the_backward_below(tin
     with pytest.raises(common.UserError, match="--lora-layers 3: the model has 2 layers"):
         common.apply_lora(fresh_model, lora_args(lora_layers=3), "SEQ_CLS", [])
 
+
+
+def test_all_linear_on_the_top_layers_adapts_the_linear_layers_of_those_layers(tiny_encoders):
+    """PEFT picks layers only for named modules: `all-linear` with the default top layers (or
+    --lora-layers) becomes the names of the linear layers inside the numbered layers."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    import encoders
+    import lora_finetuning
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_encoders["bert"], num_labels=2, num_hidden_layers=3)
+    expected = {name for name, module in model.named_modules()
+                if isinstance(module, torch.nn.Linear) and (".layer.1." in name or ".layer.2." in name)}
+    args = lora_finetuning.parse_args(["--model-name", str(tiny_encoders["bert"]), "--lora-target-modules", "all-linear"])
+    model, record = encoders.prepare_for_method(model, ["classifier.weight", "classifier.bias"], args, "lora", "SEQ_CLS")
+    adapted = {name.removeprefix("base_model.model.") for name, module in model.named_modules() if hasattr(module, "lora_A")}
+    assert adapted == expected and record["layers"] == 2
+    assert record["target_modules"] == ["dense", "key", "query", "value"]

@@ -7,11 +7,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from conftest import (ROOT, build_tiny_encoder, logged_losses_and_grad_norms, requires_cpu_bf16, run_script,
-                      training_log)
+from conftest import (ROOT, build_tiny_encoder, logged_losses_and_grad_norms, requires_cpu_bf16, run_main,
+                      run_script, training_log)
 
 
 def test_fast_dropout_keeps_the_distribution_and_masks_its_gradient():
@@ -716,3 +717,147 @@ def test_text_generation_with_and_without_the_speed_tricks(tiny_gpt2, tmp_path):
     import speedups
 
     assert speedups.CPU_ATTENTION not in (tmp_path / "fast" / "merged" / "config.json").read_text()
+
+
+# ---- LoRA's fused products ------------------------------------------------------------------------
+
+
+def lora_model(architecture: str, tiny_encoder):
+    """A tiny BERT classifier (biased linears) or Llama (unbiased) with LoRA on every linear layer
+    and non-zero adapters, so that the update reaches the outputs."""
+    import argparse
+
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    import common
+
+    lora = argparse.Namespace(lora_r=4, lora_alpha=12, lora_dropout=0.0, lora_target_modules=["all-linear"],
+                              lora_variant="lora")
+    if architecture == "llama":
+        model, _ = common.apply_lora(tiny_llama(400), lora, "CAUSAL_LM")
+    else:
+        base = AutoModelForSequenceClassification.from_pretrained(tiny_encoder, num_labels=2,
+                                                                   hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        model, _ = common.apply_lora(base, lora, "SEQ_CLS")
+    torch.manual_seed(3)
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter, std=0.2)
+    return model.train()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("architecture", ["bert", "llama"])
+def test_fused_lora_products_give_peft_outputs_and_gradients(architecture, precision, tiny_encoder):
+    """The fused adapter product against PEFT's layers on the same model: the loss, logits and every
+    trained gradient (fp32, as PEFT's) to fp32 rounding, and under bf16 autocast (where both compute
+    in bf16) within the self-check's tolerance; the adapter-free paths (disabled, merged) stay
+    PEFT's, and removing the trick leaves no trace."""
+    import torch
+
+    import speedups
+
+    model = lora_model(architecture, tiny_encoder)
+    torch.manual_seed(0)
+    input_ids = torch.randint(5, 100, (3, 11))
+    labels = input_ids if architecture == "llama" else input_ids[:, 0] % 2
+
+    def step() -> dict:
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            output = model(input_ids=input_ids, labels=labels)
+        output.loss.backward()
+        result = {name: p.grad.float().clone() for name, p in model.named_parameters() if p.grad is not None}
+        assert all(p.grad.dtype == torch.float32 for p in model.parameters() if p.grad is not None)
+        return {**result, "loss": output.loss.detach().float().reshape(1), "logits": output.logits.detach().float()}
+
+    stock = step()
+    fusable = speedups._fusable_lora_layers(model)
+    assert len(fusable) == len([m for m in model.modules() if hasattr(m, "lora_A")]) >= 8
+    speedups._fuse_lora_products(model)
+    fused = step()
+    assert fused.keys() == stock.keys() and any("lora_A" in name for name in fused)
+    if precision == "fp32":  # the same products, summed in another order
+        for name, value in fused.items():
+            assert float((value - stock[name]).norm()) <= 1e-5 * float(stock[name].norm()), name
+    # bf16: the self-check's own rule (5% of each tensor's norm plus an allowance for gradients
+    # that are near zero in exact arithmetic, such as the keys')
+    assert speedups._difference(stock, fused, precision) is None
+    stock_logits = stock["logits"]
+    with torch.no_grad():
+        with model.disable_adapter():
+            base_logits = model(input_ids=input_ids).logits
+        model.merge_adapter()
+        merged_logits = model(input_ids=input_ids).logits
+        model.unmerge_adapter()
+    assert not torch.allclose(base_logits, stock_logits, atol=1e-3)
+    if precision == "fp32":
+        assert torch.allclose(merged_logits, stock_logits, atol=1e-5)
+    speedups._unfuse_lora_products(model)
+    assert not any("forward" in vars(module) for module in model.modules())
+
+
+def test_fused_lora_products_leave_other_adapters_to_peft(tiny_gpt2, tiny_encoder):
+    """GPT-2's transposed Conv1D layers, DoRA and adapter dropout keep PEFT's layers."""
+    import argparse
+
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    import common
+    import speedups
+
+    def adapted(model, task_type, **flags):
+        lora = argparse.Namespace(**{"lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "lora_variant": "lora",
+                                     "lora_target_modules": None, **flags})
+        return common.apply_lora(model, lora, task_type)[0]
+
+    assert speedups._fusable_lora_layers(adapted(AutoModelForCausalLM.from_pretrained(tiny_gpt2), "CAUSAL_LM")) == []
+    for flags in ({"lora_variant": "dora"}, {"lora_dropout": 0.1}):
+        model = adapted(AutoModelForSequenceClassification.from_pretrained(tiny_encoder, num_labels=2), "SEQ_CLS", **flags)
+        assert speedups._fusable_lora_layers(model) == []
+    assert speedups._fusable_lora_layers(AutoModelForSequenceClassification.from_pretrained(tiny_encoder)) == []
+
+
+def run_lora(model_dir, output_dir, *flags):
+    """lora_finetuning.py in this process, fp32 (a simulated library change is a monkeypatch)."""
+    argv = ["--model-name", str(model_dir), "--output-dir", str(output_dir), "--epochs", "1", "--batch-size", "8",
+            "--learning-rate", "5e-3", "--max-train-samples", "96", "--max-eval-samples", "48", "--precision", "fp32",
+            *flags]
+    result = run_main("lora_finetuning.py", *argv)
+    assert result.returncode == 0, result.stderr
+    return json.loads((Path(output_dir) / "metrics.json").read_text()), result.stdout
+
+
+def test_lora_with_fused_products_trains_like_peft(dropout_free_encoder, tmp_path):
+    """Through the script (fp32, no dropout): the logged losses and gradient norms of every step and
+    the validation loss are those of --no-speedups to 1e-4."""
+    fast, _ = run_lora(dropout_free_encoder, tmp_path / "fast")
+    plain, _ = run_lora(dropout_free_encoder, tmp_path / "plain", "--no-speedups")
+    assert "fused_lora_products" in fast["train"]["speedups"] and plain["train"]["speedups"] == []
+    fast_log, plain_log = logged_losses_and_grad_norms(tmp_path / "fast"), logged_losses_and_grad_norms(tmp_path / "plain")
+    assert len(fast_log) == len(plain_log) >= 6
+    assert fast_log == pytest.approx(plain_log, rel=1e-4)
+    assert fast["validation"]["loss"] == pytest.approx(plain["validation"]["loss"], rel=1e-4)
+
+
+def test_a_peft_change_switches_the_fused_products_off_and_the_run_follows_peft(
+        dropout_free_encoder, tmp_path, monkeypatch):
+    """A PEFT release whose LoRA layers compute something else (here: scale their output): the
+    fused products disagree on the probe, say so in one line, and the run trains exactly as a
+    --no-speedups run under that release."""
+    from peft.tuners.lora import layer
+
+    import speedups
+
+    monkeypatch.setattr(speedups, "TRICKS", [t for t in speedups.TRICKS if t.name == "fused_lora_products"])
+    forward = layer.Linear.forward
+    monkeypatch.setattr(layer.Linear, "forward", lambda self, x, *a, **k: forward(self, x, *a, **k) * 1.5)
+    stock, _ = run_lora(dropout_free_encoder, tmp_path / "stock", "--no-speedups")
+    broken, output = run_lora(dropout_free_encoder, tmp_path / "broken")
+    notes = [line for line in output.splitlines() if line.startswith("note: speedup fused_lora_products ")]
+    assert len(notes) == 1 and "differs from the stock computation" in notes[0], notes
+    assert "fused_lora_products" not in broken["train"]["speedups"]
+    assert logged_losses_and_grad_norms(tmp_path / "broken") == pytest.approx(
+        logged_losses_and_grad_norms(tmp_path / "stock"), rel=1e-5)
+    assert broken["validation"]["loss"] == pytest.approx(stock["validation"]["loss"], rel=1e-5)
