@@ -476,6 +476,7 @@ def run_encoder_task(args: argparse.Namespace, method: str, task: EncoderTask) -
     common.save_run_config(output_dir, args, {"model": resolved.name, "model_path": resolved.path, "method": method,
                                        "task": task.name, "precision": precision, "labels": data.label_names,
                                        "data": data.source, "lora_targets": lora and lora["target_modules"],
+                                       "lora_layers": lora and lora["layers"],
                                        "class_weights": weights,
                                        "speedups": applied, **data.record})
 

@@ -82,6 +82,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     lora.add_argument("--lora-r", type=int, default=8, help="Rank.")
     lora.add_argument("--lora-alpha", type=float, default=16, help="Scaling numerator (scale = alpha / r).")
     lora.add_argument("--lora-dropout", type=float, default=0.0, help="Dropout on the adapter input.")
+    lora.add_argument("--lora-layers", type=int, metavar="N", help="Adapt the top N layers only (default: all).")
     lora.add_argument("--no-base-dropout", action="store_true",
                       help="Train with the base model's dropout off, as lora_finetuning.py does by default.")
     lora.add_argument("--lora-target-modules", nargs="+", default=["query", "value"], metavar="NAME",
@@ -127,12 +128,14 @@ def add_lora(model, args: argparse.Namespace, task_type: str):
     import torch
     from peft import LoraConfig, get_peft_model
 
+    layers = model.config.num_hidden_layers
     if args.no_base_dropout:
         for module in model.modules():
             if isinstance(module, torch.nn.Dropout):
                 module.p = 0.0
     config = LoraConfig(task_type=task_type, r=args.lora_r, lora_alpha=args.lora_alpha,
-                        lora_dropout=args.lora_dropout, target_modules=list(args.lora_target_modules))
+                        lora_dropout=args.lora_dropout, target_modules=list(args.lora_target_modules),
+                        layers_to_transform=list(range(layers - args.lora_layers, layers)) if args.lora_layers else None)
     return get_peft_model(model, config)
 
 

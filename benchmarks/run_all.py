@@ -327,6 +327,7 @@ def baseline_command(task: str, recipe: str, files: dict[str, Path], output_dir:
         command += ["--lora", "--lora-r", str(lora["r"]), "--lora-alpha", str(lora["alpha"]),
                     "--lora-dropout", str(lora["dropout"]), "--lora-target-modules", *lora["targets"]]
         command += ["--no-base-dropout"] if lora.get("base_dropout_off") else []
+        command += ["--lora-layers", str(lora["layers"])] if lora.get("layers") else []
     return command
 
 
@@ -342,7 +343,8 @@ def project_settings(task: str, run_config: dict[str, Any] | None, encoder: str,
             model["name"] = encoder_name
         settings = run_config["args"]
         lora = ({"r": settings["lora_r"], "alpha": settings["lora_alpha"], "dropout": settings["lora_dropout"],
-                 "targets": list(run_config["lora_targets"]), "base_dropout_off": not settings.get("keep_base_dropout", True)}
+                 "targets": list(run_config["lora_targets"]), "base_dropout_off": not settings.get("keep_base_dropout", True),
+                 "layers": run_config.get("lora_layers")}
                 if lora_task and run_config.get("lora_targets") else None)
         return model, lora
     if task == "text-generation":
@@ -350,8 +352,8 @@ def project_settings(task: str, run_config: dict[str, Any] | None, encoder: str,
                  {"path": str(common.bundled_causal_lm_dir()), "gguf_file": common.BUNDLED_CAUSAL_LM_FILE,
                   "name": common.BUNDLED_CAUSAL_LM_NAME})
         return model, {"r": 8, "alpha": 16, "dropout": 0.0, "targets": common.LORA_TARGETS["llama"]}
-    lora = ({"r": 16, "alpha": 32, "dropout": 0.0, "targets": common.LORA_BLOCK_TARGETS["bert"], "base_dropout_off": True}
-            if lora_task else None)
+    lora = ({"r": 16, "alpha": 32, "dropout": 0.0, "targets": common.LORA_BLOCK_TARGETS["bert"], "base_dropout_off": True,
+             "layers": 4} if lora_task else None)  # MiniLM's 6 layers: the top two thirds
     return {"path": encoder, "name": encoder_name}, lora
 
 
