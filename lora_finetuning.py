@@ -15,10 +15,11 @@ Data, training, precision and output flags are those of sentiment_finetuning.py 
 classification, the default), ner_finetuning.py (--task ner) or text_generation_lora.py (--task
 generation, which that script runs); LoRA adds --lora-r, --lora-alpha, --lora-dropout,
 --lora-target-modules, --lora-variant and --keep-base-dropout. By default every linear layer of
-each transformer block gets an adapter of rank 16, and the base model's dropout is off. The
-modules that the task head adds at load time (DistilBERT's pre_classifier and classifier, BERT's
-classifier, RoBERTa's classifier.dense/out_proj) are trained and saved in full with the adapter,
-so a reloaded adapter predicts exactly what the trained one did.
+each transformer block (classification: of the top two thirds of the blocks) gets an adapter of
+rank 16, and the base model's dropout is off. The modules that the task head adds at load time
+(DistilBERT's pre_classifier and classifier, BERT's classifier, RoBERTa's classifier.dense/out_proj)
+are trained and saved in full with the adapter, so a reloaded adapter predicts exactly what the
+trained one did.
 
 --compare trains both methods once per seed, each run in its own process, and writes
 comparison.json, comparison.md (the report to hand in) and its plots.
@@ -72,14 +73,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "modelling, those of text_generation_lora.py.")
     lora = parser.add_argument_group("adapters and comparison")
     if task != "generation":  # text_generation_lora.py's parser has its LoRA flags and --merge-adapter
-        # Every linear layer of each block at rank 16, for both tasks: on SST-2 (8,000 phrases, one epoch)
-        # and WikiANN-en they come within a point of full fine-tuning, where the attention's query and
-        # value alone stay 1.6 (SST-2) to 18 (WikiANN-en) points under it (BENCHMARKS.md).
+        # Every linear layer of each block at rank 16 (classification: of the top two thirds of the blocks,
+        # encoders.default_lora_layers), the base model's dropout off: on SST-2 and WikiANN-en within a
+        # point of full fine-tuning in under 0.7x its time; query and value alone stay 1.6 (SST-2) to 18
+        # (WikiANN-en) points under it (BENCHMARKS.md).
         common.add_lora_args(parser, dropout=0.0, rank=16, block_targets=True)
         lora.add_argument("--keep-base-dropout", action="store_true",
-                          help="Keep the base model's dropout while training the adapters (default: off; "
-                               "the frozen layers learn nothing from it, and its random masks take about a "
-                               "seventh of a LoRA step on a CPU).")
+                          help="Keep the base model's dropout while training the adapters (default: off, which "
+                               "scored the same in BENCHMARKS.md's runs; its random masks take about a seventh "
+                               "of a LoRA step on a CPU).")
         lora.add_argument("--adapter", action="append", metavar="DIR",
                           help="With --predict: load these adapters on one base model and predict with each in "
                                "turn, switching adapters without reloading the base (repeatable).")
