@@ -702,7 +702,9 @@ def main() -> int:
         result["training_flops"] = flops.training_flops(result["flop_shape"], result["workload"]["tokens"],
                                                           result["workload"]["tokens_squared"])
         if lora:
-            result["lora_text"] = f"r={lora['r']}, alpha={lora['alpha']:g}, targets {' '.join(lora['targets'])}"
+            result["lora_text"] = (f"r={lora['r']}, alpha={lora['alpha']:g}, targets {' '.join(lora['targets'])}"
+                                   + (f" of the top {lora['layers']} layers" if lora.get("layers") else "")
+                                   + (", the base model's dropout off" if lora.get("base_dropout_off") else ""))
         result["settings"] = {"epochs": args.epochs, "batch_size": args.lm_batch_size if task == "text-generation"
                               else args.batch_size, "learning_rate": LEARNING_RATES[task], "seed": args.seed,
                               "max_length": args.max_length, "held_out": args.sst2_held_out,
