@@ -6,10 +6,10 @@
 REF is checked out into a temporary git worktree. Each round then runs, one process at a time:
 REF's script, the current script and baseline (b), with run_all.py's data, settings and commands
 (the order reversed every other round, since a run's place in a sequence shifts its time on a
-shared machine). Every run's end-to-end time (process start to the saved weights) and training time are printed, then the medians and the
-ratios to (b). REF's script runs with its own defaults, as the current one does; (b) copies the
-current script's settings. Timings on a 2-core machine drift by 10% or more between runs: compare
-medians of two rounds or more.
+shared machine). It prints every run's end-to-end time (process start to the saved weights) and
+training time, then the medians and their ratios to (b). REF's script runs with its own defaults,
+as the current one does; (b) copies the current script's settings. Timings on a 2-core machine
+drift by 10% or more between runs: compare medians of two rounds or more.
 """
 
 from __future__ import annotations
@@ -34,10 +34,14 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ref", required=True, help="The commit (or tag, branch) to compare with.")
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=["sentiment", "ner"])
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--data-dir", default=str(run_all.ROOT.parent / "shared" / "data"))
-    parser.add_argument("--work-dir", default=str(Path(tempfile.gettempdir()) / "finetune-before-after"))
-    parser.add_argument("--sst2-train", type=int, default=run_all.FULL["sst2_train"])
+    parser.add_argument("--rounds", type=run_all.common.positive_int, default=2,
+                        help="Rounds; each runs the three in turn.")
+    parser.add_argument("--data-dir", default=str(run_all.ROOT.parent / "shared" / "data"),
+                        help="Folder holding sst2/ and wnut17/.")
+    parser.add_argument("--work-dir", default=str(Path(tempfile.gettempdir()) / "finetune-before-after"),
+                        help="Data splits, the worktree of REF, saved models and logs.")
+    parser.add_argument("--sst2-train", type=run_all.common.positive_int, default=run_all.FULL["sst2_train"],
+                        help="SST-2 training examples (sentiment, LoRA).")
     args = parser.parse_args()
     # The settings run_all.py's commands read, at their full-benchmark values.
     args.sst2_held_out, args.epochs, args.batch_size, args.max_length, args.seed = 1000, 1.0, 32, 128, 42
