@@ -42,10 +42,13 @@ def parse_args() -> argparse.Namespace:
                         help="Data splits, the worktree of REF, saved models and logs.")
     parser.add_argument("--sst2-train", type=run_all.common.positive_int, default=run_all.FULL["sst2_train"],
                         help="SST-2 training examples (sentiment, LoRA).")
-    args = parser.parse_args()
-    # The settings run_all.py's commands read, at their full-benchmark values.
-    args.sst2_held_out, args.epochs, args.batch_size, args.max_length, args.seed = 1000, 1.0, 32, 128, 42
-    return args
+    # run_all.py's own settings at their defaults (the full benchmark), which its commands read.
+    argv, sys.argv = sys.argv, sys.argv[:1]
+    try:
+        defaults = run_all.parse_args()
+    finally:
+        sys.argv = argv
+    return argparse.Namespace(**{**vars(defaults), **vars(parser.parse_args())})
 
 
 def main() -> int:
