@@ -100,6 +100,12 @@ def main() -> int:
                       f"{medians[run]['train_s']:.1f} s; (b) / {run}: "
                       f"{medians['tuned']['end_to_end_s'] / medians[run]['end_to_end_s']:.2f}x end to end, "
                       f"{medians['tuned']['train_s'] / medians[run]['train_s']:.2f}x training")
+            # Round by round, since drift between rounds can move both medians more than a change does.
+            ratios = [current["end_to_end_s"] / reference["end_to_end_s"]
+                      for reference, current in zip(rows["reference"], rows["current"])]
+            print(f"[{task}] current / reference end to end, round by round: "
+                  f"{', '.join(f'{ratio:.2f}' for ratio in ratios)} "
+                  f"(current slower in {sum(ratio > 1 for ratio in ratios)} of {len(ratios)})")
     finally:
         subprocess.run(["git", "worktree", "remove", "--force", str(reference)], cwd=run_all.ROOT)
     return 0
