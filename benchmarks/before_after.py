@@ -7,9 +7,10 @@ REF is checked out into a temporary git worktree. Each round then runs, one proc
 REF's script, the current script and baseline (b), with run_all.py's data, settings and commands
 (the order reversed every other round, since a run's place in a sequence shifts its time on a
 shared machine). It prints every run's end-to-end time (process start to the saved weights) and
-training time, then the medians and their ratios to (b). REF's script runs with its own defaults,
-as the current one does; (b) copies the current script's settings. Timings on a 2-core machine
-drift by 10% or more between runs: compare medians of two rounds or more.
+training time, then the medians, their ratios to (b) and the current run's time over REF's round by
+round. REF's script runs with its own defaults, as the current one does; (b) copies the current
+script's settings. Timings on a 2-core machine drift by 10% or more between runs: compare medians
+of two rounds or more, and more rounds for differences under about 10%.
 """
 
 from __future__ import annotations
