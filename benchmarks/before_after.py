@@ -43,12 +43,7 @@ def parse_args() -> argparse.Namespace:
                         help="Data splits, the worktree of REF, saved models and logs.")
     parser.add_argument("--sst2-train", type=run_all.common.positive_int, default=run_all.FULL["sst2_train"],
                         help="SST-2 training examples (sentiment, LoRA).")
-    # run_all.py's own settings at their defaults (the full benchmark), which its commands read.
-    argv, sys.argv = sys.argv, sys.argv[:1]
-    try:
-        defaults = run_all.parse_args()
-    finally:
-        sys.argv = argv
+    defaults = run_all.parse_args([])  # run_all.py's settings at their defaults (the full benchmark)
     return argparse.Namespace(**{**vars(defaults), **vars(parser.parse_args())})
 
 

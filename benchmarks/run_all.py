@@ -111,7 +111,7 @@ QUICK = {"sst2_train": 256, "sst2_held_out": 128, "ner_train": 160, "ner_eval": 
          "lm_block_size": 64, "lm_eval_blocks": 4, "plain_max_steps": 3, "peak_repeats": 3, "cli_repeats": 1}
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
                         help="Tiny sizes for a smoke test (a few minutes); results go to benchmarks/results/*_quick.*.")
@@ -156,7 +156,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--markdown", help="Report file (default: BENCHMARKS.md at the repository root).")
     parser.add_argument("--json", help="Results file (default: benchmarks/results/benchmarks.json).")
     parser.add_argument("--peak-only", action="store_true", help=argparse.SUPPRESS)  # step 2 runs itself with it
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     for key, value in (QUICK if args.quick else FULL).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
