@@ -366,8 +366,8 @@ def default_lora_layers(model, task_type: str) -> int | None:
     """How many of the top layers LoRA adapts by default: the top two thirds for sequence
     classification, whose label is read at the top of the network (on SST-2 0.6 points under full
     fine-tuning in about half its time: the layers below need no backward pass); every layer (None)
-    for token classification, which needs the lower layers too (1.5 points lost on WikiANN-en with
-    the top two thirds). BENCHMARKS.md has both."""
+    for token classification, which needs the lower layers too (on WikiANN-en the top two thirds
+    fall 1.7 points under full fine-tuning). BENCHMARKS.md has both."""
     if task_type != "SEQ_CLS":
         return None
     return math.ceil(2 * model.config.num_hidden_layers / 3)

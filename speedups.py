@@ -197,19 +197,18 @@ def _difference(reference: dict, result: dict, precision: str) -> str | None:
     return None
 
 
-# ---- the attention's dropout -------------------------------------------------------------------
+# ---- dropout ----------------------------------------------------------------------------------
 
 
 @functools.cache
 def fast_dropout_class():
-    """torch.nn.Dropout that draws its mask three times faster on a CPU, for the attention
-    probabilities of the CPU attention (SDPA draws that mask with the slow Bernoulli sampler).
+    """torch.nn.Dropout that draws its mask three times faster on a CPU, where torch's Bernoulli
+    sampler spends about 12 ns on each value: the model's dropout modules (the `fast_dropout`
+    trick) and the attention probabilities of the CPU attention.
 
     FastDropout cuts four 15-bit random numbers out of every 64-bit draw of the same seeded
     generator: the same distribution (the drop probability is rounded to a multiple of 1/32768),
-    reproducible and resumable, another random stream. Replacing the model's other dropout modules
-    with it saved under 3% of a MiniLM step, with or without LoRA (BENCHMARKS.md, "Levers"), so
-    they stay torch's."""
+    reproducible and resumable, another random stream."""
     import torch
 
     class FastDropout(torch.nn.Dropout):
@@ -240,6 +239,30 @@ def check_fast_dropout() -> None:
         raise RuntimeError(f"dropped {dropped:.3f} of the values instead of {p}")
     if not torch.allclose(y[kept], x[kept] / (1 - p), rtol=1e-6):
         raise RuntimeError("kept values are not scaled by 1 / (1 - p)")
+
+
+def _dropout_modules(model) -> list:
+    import torch
+
+    return [module for module in model.modules() if type(module) is torch.nn.Dropout and module.p > 0]
+
+
+def _can_use_fast_dropout(model) -> bool:
+    return not _on_gpu(model) and bool(_dropout_modules(model))
+
+
+def _use_fast_dropout(model) -> None:
+    check_fast_dropout()  # the model probe runs with dropout off, so FastDropout checks its own draws
+    for module in _dropout_modules(model):
+        module.__class__ = fast_dropout_class()
+
+
+def _remove_fast_dropout(model) -> None:
+    import torch
+
+    for module in model.modules():
+        if type(module) is fast_dropout_class():
+            module.__class__ = torch.nn.Dropout
 
 
 def _on_gpu(model) -> bool:
@@ -752,8 +775,14 @@ TRICKS = [
           confirm=lambda model: setattr(model, "fp32_frozen_weights", {})),
     Trick("first_token_last_layer", ("sequence-classification",), _can_use_first_token_last_layer,
           _use_first_token_last_layer, _remove_first_token_last_layer),
-    Trick("cpu_attention", ("sequence-classification", "token-classification", "causal-lm"), _can_use_cpu_attention,
+    # Token classification only: on SST-2 it saved 3-4.5% of a step (BENCHMARKS.md, "Levers").
+    Trick("fast_dropout", ("token-classification",), _can_use_fast_dropout, _use_fast_dropout, _remove_fast_dropout),
+    Trick("cpu_attention", ("sequence-classification", "token-classification"), _can_use_cpu_attention,
           _use_cpu_attention, restore_attention),
+    # Causal LMs under autocast only: in fp32 the fused SDPA kernel, which skips the masked half of
+    # the causal scores, is faster (benchmarks/cpu_attention.py: 25.1 against 38.1 ms for SmolLM2's).
+    Trick("cpu_attention", ("causal-lm",), _can_use_cpu_attention, _use_cpu_attention, restore_attention,
+          autocast_only=True),
     # Sequence classification only: on NER's longer inputs it saved under 4% of a step.
     Trick("embedding_gradient_buffer", ("sequence-classification",),
           _can_keep_embedding_gradient, _keep_embedding_gradient, _drop_embedding_gradient),

@@ -1,16 +1,17 @@
 #!/usr/bin/env python
 """What each speed trick of speedups.py gains alone, on the workload it targets.
 
-    python benchmarks/levers.py                          # every workload (about 10 minutes on 2 cores)
+    python benchmarks/levers.py                          # every workload (about 20 minutes on 2 cores)
     python benchmarks/levers.py --workloads sentiment    # one workload
     python benchmarks/levers.py --rounds 7 --json benchmarks/results/levers.json
     python benchmarks/levers.py --workloads ner --tricks cpu_attention   # one trick
 
 For each trick, two copies of the same model train side by side in this process: one with every
-trick of its workload, one with every trick but that one. They take turns, a few optimizer steps
-each (forward, backward, gradient clipping, AdamW), for --rounds rounds; the table shows the median
-step time of each and the trick's gain, 1 - with / without. The loading trick is timed the same
-way, alternating, on the load itself.
+trick of its workload, one with every trick but that one. They take turns on the same batches, a
+few optimizer steps each (forward, backward, gradient clipping, the Trainer's fused AdamW), for
+--rounds rounds (a quarter of them, at least 3, for the causal LM, whose steps take seconds); the
+table shows the median step time of each and the trick's gain, 1 - the median of the rounds'
+with / without ratios. The loading trick is timed the same way, alternating, on the load itself.
 
 Workloads (real data from ../shared/data when it is there, else the embedded sample data; the
 bundled models, bf16 autocast where the CPU supports it):
@@ -46,7 +47,7 @@ import speedups  # noqa: E402
 SHARED = ROOT.parent / "shared" / "data"
 WORKLOADS = ("sentiment", "ner", "lora", "causal-lm", "loading")
 TRICKS = {"sentiment": ("first_token_last_layer", "cpu_attention", "embedding_gradient_buffer", "clipping_by_rows"),
-          "ner": ("cpu_attention",),
+          "ner": ("fast_dropout", "cpu_attention"),
           "lora": ("frozen_weights_in_bf16", "first_token_last_layer", "cpu_attention", "fused_lora_products",
                    "lora_input_casting_off"),
           "causal-lm": ("cpu_attention", "chunked_loss", "fused_lora_products", "lora_input_casting_off", "allocator")}
@@ -55,9 +56,8 @@ TRICKS = {"sentiment": ("first_token_last_layer", "cpu_attention", "embedding_gr
 def parse_args() -> argparse.Namespace:
     parser = common.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=list(WORKLOADS))
-    parser.add_argument("--rounds", type=common.positive_int, default=5, help="Alternating rounds per trick.")
-    parser.add_argument("--steps", type=common.positive_int, default=8,
-                        help="Optimizer steps per model and round (causal-lm: a quarter of it).")
+    parser.add_argument("--rounds", type=common.positive_int, default=30, help="Alternating rounds per trick.")
+    parser.add_argument("--steps", type=common.positive_int, default=2, help="Optimizer steps per model and round.")
     parser.add_argument("--tricks", nargs="+", metavar="NAME", help="Measure only these tricks (default: all).")
     parser.add_argument("--json", type=Path, help="Also write the results to this JSON file.")
     return parser.parse_args()
@@ -201,7 +201,7 @@ def measure_training(workload: str, rounds: int, steps: int, precision: str, onl
 
     if workload == "causal-lm":
         model, batches, kind, _ = causal_setup()
-        steps = max(1, steps // 4)
+        steps, rounds = 1, max(3, rounds // 4)
     else:
         model, batches, kind = encoder_setup("ner" if workload == "ner" else "sentiment")
         if workload == "lora":
@@ -219,9 +219,11 @@ def measure_training(workload: str, rounds: int, steps: int, precision: str, onl
         pair = {}
         for label, names in (("with", every), ("without", every - {trick})):
             copied, applied = with_tricks(model, names - {"allocator"}, probe, precision, kind)
-            optimizer = torch.optim.AdamW([p for p in copied.parameters() if p.requires_grad], lr=1e-5)
+            # The Trainer's default optimizer (adamw_torch_fused): the unfused one takes several times
+            # longer per step and would shrink every other part's share of it.
+            optimizer = torch.optim.AdamW([p for p in copied.parameters() if p.requires_grad], lr=1e-5, fused=True)
             pair[label] = {"model": copied.train(), "optimizer": optimizer, "applied": applied,
-                           "allocator": "allocator" in names, "times": []}
+                           "allocator": "allocator" in names or "allocator" not in every, "times": []}
         position = 0
         for round_ in range(rounds + 1):  # the first round warms up (kernels, allocator, optimizer state)
             for label in ("with", "without") if round_ % 2 == 0 else ("without", "with"):
@@ -236,11 +238,14 @@ def measure_training(workload: str, rounds: int, steps: int, precision: str, onl
             position += steps
         set_allocator(True)
         with_ms, without_ms = (1000 * statistics.median(pair[label]["times"]) for label in ("with", "without"))
+        # Each round's two runs train on the same batches, back to back: their ratio cancels the
+        # batch lengths and most of the machine's drift, which moves the medians by 10% on 2 cores.
+        gain = 1 - statistics.median(a / b for a, b in zip(pair["with"]["times"], pair["without"]["times"]))
         results.append({"workload": workload, "trick": trick, "with_ms": round(with_ms, 1),
-                        "without_ms": round(without_ms, 1), "gain": round(1 - with_ms / without_ms, 3),
+                        "without_ms": round(without_ms, 1), "gain": round(gain, 3),
                         "applied": pair["with"]["applied"]})
         print(f"{workload:10} {trick:26} with {with_ms:8.1f} ms  without {without_ms:8.1f} ms  "
-              f"gain {1 - with_ms / without_ms:+.1%}", flush=True)
+              f"gain {gain:+.1%} (medians: {1 - with_ms / without_ms:+.1%})", flush=True)
         del pair
     return results
 

@@ -400,9 +400,9 @@ def test_metrics_schema(trained, ner_encoder):
     assert metrics["scheme"]["converted_to"] == "IOB2"
     for key in ("runtime_s", "samples_per_s", "sentences_per_s", "tokens_per_s", "peak_rss_mb"):
         assert metrics["train"][key] > 0
-    # Token classification: the CPU attention; no first-token layer (every position is read) and no
-    # embedding-gradient buffer (it does not pay on NER's longer inputs).
-    assert "cpu_attention" in metrics["train"]["speedups"]
+    # Token classification: FastDropout and the CPU attention; no first-token layer (every position
+    # is read) and no embedding-gradient buffer (it does not pay on NER's longer steps).
+    assert {"fast_dropout", "cpu_attention"} <= set(metrics["train"]["speedups"])
     assert not {"first_token_last_layer", "embedding_gradient_buffer"} & set(metrics["train"]["speedups"])
     assert metrics["train"]["examples"] == embedded_sentence_count("train")
     words = {split: sum(len(s.tokens) for s in ner.read_conll(str(DATA / "ner" / f"{split}.conll"), "x"))
