@@ -223,7 +223,7 @@ def measure_training(workload: str, rounds: int, steps: int, precision: str, onl
             # longer per step and would shrink every other part's share of it.
             optimizer = torch.optim.AdamW([p for p in copied.parameters() if p.requires_grad], lr=1e-5, fused=True)
             pair[label] = {"model": copied.train(), "optimizer": optimizer, "applied": applied,
-                           "allocator": "allocator" in names or "allocator" not in every, "times": []}
+                           "allocator": trick != "allocator" or label == "with", "times": []}  # as the scripts set it
         position = 0
         for round_ in range(rounds + 1):  # the first round warms up (kernels, allocator, optimizer state)
             for label in ("with", "without") if round_ % 2 == 0 else ("without", "with"):
