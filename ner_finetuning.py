@@ -614,8 +614,9 @@ def ner_metrics(gold: Sequence[Sequence[str]], predicted: Sequence[Sequence[str]
 
     words = sum(len(tags) for tags in gold)
     correct = sum(g == p for gold_tags, predicted_tags in zip(gold, predicted) for g, p in zip(gold_tags, predicted_tags))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with warnings.catch_warnings():  # numpy's notes on averaging no entities, which the zero scores already say
+        warnings.filterwarnings("ignore", message="Mean of empty slice", category=RuntimeWarning)
+        warnings.filterwarnings("ignore", message="invalid value encountered in scalar divide", category=RuntimeWarning)
         report = classification_report([list(t) for t in gold], [list(t) for t in predicted], mode="strict",
                                         scheme=IOB2, output_dict=True, zero_division=0)
     overall = report.pop("micro avg", {"precision": 0.0, "recall": 0.0, "f1-score": 0.0})

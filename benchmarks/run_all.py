@@ -695,8 +695,8 @@ def main() -> int:
         model, lora = project_settings(task, run_config, encoder, encoder_name, args.causal_lm)
         result["model"] = model.get("name") or model["path"]
         result["workload"] = workload(task, files[task], args, model["path"])
-        with warnings.catch_warnings():  # library deprecation notes from building the model on "meta"
-            warnings.simplefilter("ignore")
+        with warnings.catch_warnings():  # PEFT's call of a renamed transformers attribute, on the "meta" model
+            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
             result["flop_shape"] = baselines.flop_shape(BASELINE_TASK[task], model["path"], model.get("gguf_file"),
                                                         lora["targets"] if lora else None, lora["r"] if lora else 8)
         result["training_flops"] = flops.training_flops(result["flop_shape"], result["workload"]["tokens"],

@@ -300,6 +300,29 @@ def test_metrics_match_a_hand_computed_seqeval_example():
     }
 
 
+def test_metrics_without_entities_are_zero_and_silence_only_numpys_averaging_notes(monkeypatch):
+    """Gold without entities: zero scores and no numpy notes; any other warning seqeval gives reaches the user."""
+    import warnings
+
+    import seqeval.metrics
+
+    gold, predicted = [["O", "O"], ["O"]], [["O", "O"], ["O"]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        metrics = ner.ner_metrics(gold, predicted)
+    assert (metrics["precision"], metrics["recall"], metrics["f1"], metrics["accuracy"]) == (0.0, 0.0, 0.0, 1.0)
+
+    report = seqeval.metrics.classification_report
+
+    def report_with_a_note(*args, **kwargs):
+        warnings.warn("a note the user can act on", UserWarning)
+        return report(*args, **kwargs)
+
+    monkeypatch.setattr(seqeval.metrics, "classification_report", report_with_a_note)
+    with pytest.warns(UserWarning, match="a note the user can act on"):
+        ner.ner_metrics(gold, predicted)
+
+
 # ---- prediction on free text -----------------------------------------------------------------------------
 
 
