@@ -775,7 +775,7 @@ TRICKS = [
           confirm=lambda model: setattr(model, "fp32_frozen_weights", {})),
     Trick("first_token_last_layer", ("sequence-classification",), _can_use_first_token_last_layer,
           _use_first_token_last_layer, _remove_first_token_last_layer),
-    # Token classification only: on SST-2 it saved 3-4.5% of a step (BENCHMARKS.md, "Levers").
+    # Token classification only: on SST-2 it saved 2.9-4.5% of a step (BENCHMARKS.md, "Levers").
     Trick("fast_dropout", ("token-classification",), _can_use_fast_dropout, _use_fast_dropout, _remove_fast_dropout),
     Trick("cpu_attention", ("sequence-classification", "token-classification"), _can_use_cpu_attention,
           _use_cpu_attention, restore_attention),
